@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample grids, fusion and IQA metrics, data-mix monitoring."""

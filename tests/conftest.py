@@ -1,0 +1,41 @@
+"""Test-wide guards: offline, CPU-only, small thread count, no sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+SHARED_IVIF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ivif"
+
+
+class _NoNetwork(socket.socket):
+    def connect(self, address):  # noqa: D401 - guard
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1")) or \
+                self.family == socket.AF_UNIX:
+            return super().connect(address)
+        raise RuntimeError(f"test tried to reach the network ({address!r}); tests must stay offline")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    original = socket.socket
+    socket.socket = _NoNetwork  # type: ignore[misc]
+    yield
+    socket.socket = original  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def ivif_dir() -> Path:
+    """The real TNO/RoadScene pairs in ../shared/data/ivif; skipped in a fresh clone."""
+    if not SHARED_IVIF.is_dir():
+        pytest.skip("../shared/data/ivif is absent (fresh clone)")
+    return SHARED_IVIF
