@@ -1,0 +1,144 @@
+"""Shard schema (../shared/docs/SHARDS.md): kinds, file names per sample, tar reading, checks.
+
+A shard is a WebDataset tar `{kind}-%06d.tar`; a sample is the consecutive members that share a
+key (the member path up to the first dot of its file name); the rest of the name is the field
+(`img1.png`, `json`, ...).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+
+KINDS: tuple[str, ...] = ("fusion", "m3", "seg", "control")
+IMAGE_FIELD_EXTS = ("png", "jpg", "jpeg")
+
+Sample = dict[str, bytes]  # field ("img1.png", "json", ...) -> bytes; plus "__key__"/"__shard__" as str
+
+
+class SchemaError(ValueError):
+    """A sample that does not follow SHARDS.md."""
+
+
+class ShardReadError(OSError):
+    """A tar that is truncated, garbage or unreadable."""
+
+
+def shard_name(kind: str, index: int) -> str:
+    return f"{kind}-{index:06d}.tar"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'dir/abc.img1.png' -> ('dir/abc', 'img1.png')."""
+    d, base = os.path.split(name)
+    stem, _, field = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), field
+
+
+def iter_tar(path: str | Path) -> Iterator[dict]:
+    """Samples of one tar, in order: {"__key__", "__shard__", field: bytes, ...}.
+
+    Raises ShardReadError (after yielding every complete sample before the damage) when the tar
+    is truncated or not a tar at all.
+    """
+    path = str(path)
+    current: dict | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:  # streaming: no seek, no member index
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = split_name(member.name)
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": path}
+                current[field] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        # the partial sample at the damage is dropped: its fields may be incomplete
+        raise ShardReadError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
+    if current is not None:
+        yield current
+
+
+def image_field(sample: dict, stem: str) -> str | None:
+    """The field name of image `stem` ('img1' -> 'img1.png' / 'img1.jpg'), or None."""
+    for ext in IMAGE_FIELD_EXTS:
+        if f"{stem}.{ext}" in sample:
+            return f"{stem}.{ext}"
+    return None
+
+
+def sample_json(sample: dict) -> dict:
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SchemaError(f"sample {sample.get('__key__')}: json is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise SchemaError(f"sample {sample.get('__key__')}: json must be an object")
+    return meta
+
+
+def _need(sample: dict, stems: tuple[str, ...], kind: str) -> None:
+    missing = [s for s in stems if image_field(sample, s) is None]
+    if missing:
+        raise SchemaError(f"{kind} sample {sample.get('__key__')}: missing {', '.join(missing)} "
+                          f"(.png/.jpg); has {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def check_sample(kind: str, sample: dict) -> dict:
+    """Validate one sample against SHARDS.md; returns its parsed json."""
+    if kind not in KINDS:
+        raise SchemaError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    meta = sample_json(sample)
+    key = sample.get("__key__")
+    if kind == "fusion":
+        _need(sample, ("img1", "img2"), kind)
+        if meta.get("task") not in FUSION_TASKS:
+            raise SchemaError(f"fusion sample {key}: json task must be one of {FUSION_TASKS}, got {meta.get('task')!r}")
+    elif kind == "seg":
+        _need(sample, ("img1", "img2", "mask"), kind)
+        classes = meta.get("classes")
+        if not isinstance(classes, dict) or not classes:
+            raise SchemaError(f"seg sample {key}: json needs a non-empty 'classes' {{label id: name}}")
+    elif kind == "m3" or (kind == "control" and image_field(sample, "img")):
+        if image_field(sample, "img") is None:
+            _need(sample, ("img1", "img2", "target"), kind)
+    else:  # control triple
+        _need(sample, ("img1", "img2", "target"), kind)
+    sub = meta.get("subtask")
+    if kind == "control" and sub is not None and sub not in CONTROL_SUBTASKS:
+        raise SchemaError(f"control sample {key}: subtask must be one of {CONTROL_SUBTASKS}, got {sub!r}")
+    return meta
+
+
+def expand_shards(spec: str | list[str] | tuple[str, ...], setting: str = "shards") -> list[str]:
+    """Glob and brace patterns (`data/m3-{000000..000009}.tar`) or lists of them -> sorted tar paths."""
+    patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for pattern in patterns:
+        for p in braceexpand(str(pattern)):
+            p = os.path.expanduser(p)
+            if os.path.isdir(p):
+                paths += sorted(glob.glob(os.path.join(p, "*.tar")))
+            elif glob.has_magic(p):
+                paths += sorted(glob.glob(p))
+            elif os.path.exists(p):
+                paths.append(p)
+            else:
+                raise FileNotFoundError(f"{setting}: {p} does not exist")
+    if not paths:
+        raise FileNotFoundError(f"{setting}: {spec!r} matched no tar files")
+    return sorted(dict.fromkeys(paths))
