@@ -349,6 +349,9 @@ def build_iqa_metrics(weights_dir: str | Path | None = None,
                 raise
             warnings.warn(f"IQA metric {name} dropped: {exc}", stacklevel=2)
             continue
-        with _no_downloads():
+        with _no_downloads(), warnings.catch_warnings():
+            # clip_model.load() reads the TorchScript RN50 with the deprecated torch.jit.load
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated",
+                                    category=FutureWarning)
             scorers[name] = _build_one(pyiqa, name, paths, device, maniqa_crops)
     return scorers

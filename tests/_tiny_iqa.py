@@ -14,6 +14,7 @@ Reused by the callback tests: `make_tiny_iqa_weights(tmp_path)` then
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ def _write_tiny_clip(path: Path) -> None:
                  transformer_width=64, transformer_heads=1, transformer_layers=1).eval()
     image = torch.rand(1, 3, 64, 64)  # (N, 3, H, W)
     text = torch.randint(1, 49407, (2, 77))  # (prompts, context)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings and the jit deprecation notice
         traced = torch.jit.trace(model, (image, text), check_trace=False)
     traced.save(str(path))
 
