@@ -1,0 +1,241 @@
+"""OmniGen transformer: build/load, and this framework's forward over diffusers' submodules.
+
+The weights live in a `diffusers.OmniGenTransformer2DModel` (so peft, diffusers save/load and
+conversions see the standard module names). The forward is our own because diffusers' takes a
+dense float mask built on the host and recomputes the condition tokens at every step. Ours:
+
+- takes a `Conditioning` (compact) and builds the boolean mask on the compute device;
+- applies RoPE per batch row (diffusers reads only row 0's position ids, DESIGN.md interop);
+- checkpoints blocks when `gradient_checkpointing` is on;
+- splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
+  tokens against the cached K/V): exact, since condition tokens never attend to t-dependent
+  tokens (OmniGen's attention rule, see ditfuse.conditioning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ditfuse.conditioning import Conditioning
+from ditfuse.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Build / load
+# ---------------------------------------------------------------------------------------------
+def build_transformer(cfg: ModelConfig, seed: int | None = 0):
+    """Random-init transformer of a preset's shape (tests, demo, benchmarks)."""
+    from diffusers import OmniGenTransformer2DModel
+
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return OmniGenTransformer2DModel(**cfg.transformer_kwargs())
+    return OmniGenTransformer2DModel(**cfg.transformer_kwargs())
+
+
+def detect_layout(path: str | Path) -> tuple[str, Path]:
+    """('diffusers', transformer_dir) or ('original', folder) for a local model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; set --model.pretrained to a local OmniGen folder "
+                                "(diffusers layout with transformer/, or the original OmniGen-v1 layout); "
+                                "nothing is downloaded")
+    for cand in (path / "transformer", path):
+        cfg = cand / "config.json"
+        if cfg.is_file() and any(cand.glob("diffusion_pytorch_model*")):
+            return "diffusers", cand
+    if (path / "model.safetensors").is_file() or any(path.glob("model*.safetensors")) or (path / "model.pt").is_file():
+        return "original", path
+    raise FileNotFoundError(f"{path} is neither a diffusers-layout OmniGen folder (transformer/config.json + "
+                            "diffusion_pytorch_model.safetensors) nor an original OmniGen-v1 folder (model.safetensors)")
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype | None = None):
+    """Transformer weights from a local folder, either layout (original keys converted on load)."""
+    layout, folder = detect_layout(path)
+    if layout == "diffusers":
+        from diffusers import OmniGenTransformer2DModel
+
+        model = OmniGenTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
+    else:
+        from ditfuse.convert import load_original_transformer
+
+        model = load_original_transformer(folder)
+    return model if dtype is None else model.to(dtype)
+
+
+def transformer_config(model) -> dict:
+    return dict(model.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE (Phi-3 "su"/longrope scaled, as diffusers' OmniGenSuScaledRotaryEmbedding, per row)
+# ---------------------------------------------------------------------------------------------
+def rope_cos_sin(rope: nn.Module, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, 1, L, head_dim) in float32 for position ids (B, L)."""
+    dev = position_ids.device
+    seq_len = int(position_ids.max()) + 1
+    # the factor switch depends on the longest position in the batch (DESIGN.md interop facts)
+    factors = rope.long_factor if seq_len > rope.original_max_position_embeddings else rope.short_factor
+    ext = torch.tensor(factors, dtype=torch.float32, device=dev)
+    exps = torch.arange(0, rope.dim, 2, dtype=torch.int64, device=dev).float() / rope.dim
+    inv_freq = 1.0 / (ext * rope.base ** exps)  # (hd/2,)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, L, hd)
+    scale = rope.max_position_embeddings / rope.original_max_position_embeddings
+    factor = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(rope.original_max_position_embeddings))
+    return (emb.cos() * factor)[:, None], (emb.sin() * factor)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, hd); halves rotation (diffusers `use_real_unbind_dim=-2`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Per-layer keys/values (B, H_kv, C, hd) of the condition tokens, plus what a step needs."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    cond: Conditioning
+    cos: Tensor  # (B, 1, 1+N, hd) for the time + output tokens
+    sin: Tensor
+    mask: Tensor  # (B, 1, 1+N, L) bool
+
+
+class Backbone(nn.Module):
+    """Wraps an OmniGenTransformer2DModel; see module docstring."""
+
+    def __init__(self, transformer: nn.Module, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.transformer = transformer
+        c = transformer.config
+        self.num_heads = int(c.num_attention_heads)
+        self.num_kv_heads = int(c.num_key_value_heads)
+        self.head_dim = int(c.hidden_size) // self.num_heads
+        self.patch_size = int(c.patch_size)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    # -- embeddings ----------------------------------------------------------------------------
+    def embed_conditions(self, cond: Conditioning, cond_latents: Tensor | None) -> Tensor:
+        """Condition tokens (B, C, D): text embeddings with image spans replaced by the input
+        images' patch embeddings (+ 2D sincos positions). cond_latents: (B_img, K, c, h, w)."""
+        tr = self.transformer
+        tokens = tr.embed_tokens(cond.input_ids)  # (B, C, D)
+        if cond.span_row.numel() == 0:
+            return tokens
+        if cond_latents is None:
+            raise ValueError("the prompts reference input images but no image latents were given")
+        pe = tr.patch_embedding
+        flat = cond_latents.flatten(0, 1)[cond.span_image].to(tokens.dtype)  # (S, c, h, w)
+        img = pe.input_image_proj(flat).flatten(2).transpose(1, 2)  # (S, n, D)
+        img = img + pe._cropped_pos_embed(*flat.shape[-2:]).to(img.dtype)
+        if img.shape[1] != cond.tokens_per_image:
+            raise ValueError(f"input latents give {img.shape[1]} tokens per image, the conditioning expects "
+                             f"{cond.tokens_per_image}")
+        rows, cols = cond.image_token_index()
+        return tokens.index_put((rows, cols), img.reshape(-1, img.shape[-1]))
+
+    def embed_time(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """time token (B, 1, D) and adaLN embedding temb (B, D); t in [0, 1], 1 = data."""
+        tr = self.transformer
+        proj = tr.time_proj(t).to(dtype)  # (B, 256)
+        return tr.time_token(proj).unsqueeze(1), tr.t_embedder(proj)
+
+    # -- one block -----------------------------------------------------------------------------
+    def _block(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+               past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        B, Lq, _ = h.shape
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        q = attn.to_q(x).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
+        k = attn.to_k(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lq, hd)
+        v = attn.to_v(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
+        h = h + o
+        h = h + block.mlp(block.post_attention_layernorm(h))
+        return h, k, v
+
+    def _run_blocks(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                    cache: KVCache | None = None, collect: bool = False):
+        keys, values = [], []
+        for i, block in enumerate(self.transformer.layers):
+            past = None if cache is None else (cache.keys[i], cache.values[i])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, k, v = checkpoint(self._block, block, h, cos, sin, mask, past, use_reentrant=False)
+            else:
+                h, k, v = self._block(block, h, cos, sin, mask, past)
+            if collect:
+                keys.append(k)
+                values.append(v)
+        return h, keys, values
+
+    def _output(self, h: Tensor, temb: Tensor, height: int, width: int) -> Tensor:
+        """Final norm + adaLN + projection of the last N tokens, unpatchified to (B, c, h, w)."""
+        tr, p = self.transformer, self.patch_size
+        N = (height // p) * (width // p)
+        h = tr.norm(h)[:, -N:]
+        h = tr.proj_out(tr.norm_out(h, temb=temb))  # (B, N, p*p*c)
+        B = h.shape[0]
+        h = h.reshape(B, height // p, width // p, p, p, -1)
+        return h.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, height, width)
+
+    # -- public --------------------------------------------------------------------------------
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cond_latents: Tensor | None) -> Tensor:
+        """Velocity (B, c, h, w) for noisy latents x_t (B, c, h, w) at times t (B,)."""
+        H, W = x_t.shape[-2:]
+        tr = self.transformer
+        # 1. Patch & timestep & condition embeddings
+        out_tok = tr.patch_embedding(x_t.to(tr.dtype), is_input_image=False)  # (B, N, D)
+        if out_tok.shape[1] != cond.num_output_tokens:
+            raise ValueError(f"x_t gives {out_tok.shape[1]} output tokens, the conditioning expects "
+                             f"{cond.num_output_tokens}")
+        time_tok, temb = self.embed_time(t, out_tok.dtype)  # (B, 1, D), (B, D)
+        cond_tok = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        h = torch.cat([cond_tok, time_tok, out_tok], dim=1)  # (B, L, D)
+        # 2. Positions (per row) & boolean mask on the compute device
+        cos, sin = rope_cos_sin(tr.rope, cond.position_ids())
+        mask = cond.mask()  # (B, 1, L, L)
+        # 3. Transformer blocks
+        h, _, _ = self._run_blocks(h, cos, sin, mask)
+        # 4. Output norm & projection
+        return self._output(h, temb, H, W)
+
+    @torch.no_grad()
+    def prefill(self, cond: Conditioning, cond_latents: Tensor | None) -> KVCache:
+        """Run the condition tokens once; keep each layer's K/V (after RoPE)."""
+        C = cond.num_condition_tokens
+        h = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        cos, sin = rope_cos_sin(self.transformer.rope, cond.position_ids())  # (B, 1, L, hd)
+        full = cond.mask(q_start=0)
+        _, keys, values = self._run_blocks(h, cos[:, :, :C], sin[:, :, :C], full[:, :, :C, :C], collect=True)
+        return KVCache(keys=keys, values=values, cond=cond, cos=cos[:, :, C:], sin=sin[:, :, C:],
+                       mask=cond.mask(q_start=C))
+
+    def step(self, x_t: Tensor, t: Tensor, cache: KVCache) -> Tensor:
+        """Velocity from the time token + output tokens only, attending to the cached K/V."""
+        H, W = x_t.shape[-2:]
+        tr = self.transformer
+        out_tok = tr.patch_embedding(x_t.to(tr.dtype), is_input_image=False)  # (B, N, D)
+        time_tok, temb = self.embed_time(t, out_tok.dtype)
+        h = torch.cat([time_tok, out_tok], dim=1)  # (B, 1+N, D)
+        h, _, _ = self._run_blocks(h, cache.cos, cache.sin, cache.mask, cache=cache)
+        return self._output(h, temb, H, W)

@@ -1,0 +1,192 @@
+"""OmniGen conditioning: prompt wrapper, `<|image_k|>` spans, left padding, positions, mask.
+
+One batch row is `[condition tokens (C, left padded) | time token | output-image tokens (N)]`.
+Condition tokens are the wrapped prompt's text tokens with each `<|image_k|>` placeholder
+replaced by the k-th input image's latent tokens. The attention rule (OmniGen, arXiv 2409.11340,
+sec. 2.1; diffusers' `OmniGenCollator.create_mask`):
+
+- text + time token: causal;
+- inside one input-image span: bidirectional;
+- condition tokens never see output-image tokens (so their K/V do not depend on t: the exact
+  KV cache of `ditfuse.sampler` rests on this);
+- output-image tokens see every real token;
+- left-pad columns are hidden from real rows; pad rows see everything (as OmniGen does; their
+  values never reach a real token).
+
+Memory: OmniGen's collator materialises a dense float32 (B, L, L) mask on the host (with three
+CFG branches and two 1024 px inputs, L ~ 12.4k: ~1.8 GB per pair). Here a batch keeps O(B*L)
+integers (pad lengths, span ids) and `Conditioning.mask()` expands them on the compute device
+into a boolean (B, 1, L, L) mask, the form sdpa takes (4x smaller than float, never on the host).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# OmniGen's instruction wrapper (OmniGenMultiModalProcessor.add_prefix_instruction).
+PREFIX = "<|user|>\nGenerate an image according to the following instructions\n"
+SUFFIX = "<|end|>\n<|assistant|>\n<|diffusion|>"
+IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+
+# Guidance-branch prompts. The images-only prompt is OmniGen's image-CFG prompt
+# (`" ".join("<img><|image_k|></img>")`); the unconditional branch has no text and no images.
+UNCOND_PROMPT = ""
+
+
+def image_only_prompt(num_images: int) -> str:
+    return " ".join(f"<img><|image_{k + 1}|></img>" for k in range(num_images))
+
+
+def wrap_prompt(prompt: str) -> str:
+    return f"{PREFIX}{prompt}{SUFFIX}"
+
+
+def tokenize_multimodal(tokenizer, prompt: str, num_images: int, tokens_per_image: int
+                        ) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """Token ids of the wrapped prompt with image placeholders expanded.
+
+    Returns (ids, spans, image_ids): `spans[j] = (start, end)` is the j-th placeholder's token
+    range (filled with 0 ids, as OmniGen does) and `image_ids[j]` the 0-based input image it
+    shows. A prompt without placeholders must come with `num_images == 0`.
+    """
+    text = wrap_prompt(prompt)
+    tags = IMAGE_TAG.findall(text)
+    image_ids = [int(t[len("<|image_"):-2]) - 1 for t in tags]
+    if sorted(set(image_ids)) != list(range(num_images)):
+        raise ValueError(f"prompt references images {sorted({i + 1 for i in image_ids})} but {num_images} "
+                         f"image(s) were given (placeholders must be <|image_1|>..<|image_{num_images}|>): "
+                         f"{prompt[:120]!r}")
+    chunks = IMAGE_TAG.split(text)
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for i, chunk in enumerate(chunks):
+        chunk_ids = list(tokenizer(chunk).input_ids)
+        # every chunk is tokenized on its own; only the first keeps its BOS (as OmniGen)
+        if i > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
+            chunk_ids = chunk_ids[1:]
+        ids.extend(chunk_ids)
+        if i < len(chunks) - 1:
+            spans.append((len(ids), len(ids) + tokens_per_image))
+            ids.extend([0] * tokens_per_image)
+    return ids, spans, image_ids
+
+
+@dataclass
+class Conditioning:
+    """A batch's conditioning in compact form (O(B*L) integers; see module docstring).
+
+    input_ids:     (B, C) long, left padded with `pad_token_id`
+    pad:           (B,) long, left-pad length per row
+    segment:       (B, C) long, 0 for text/pad, s+1 for the s-th image span of the row
+    span_row, span_start, span_image: (S,) long, one entry per image span in the batch:
+                   its row, first token index (in the padded row) and index into the batch's
+                   flattened input images (row * K + image_k)
+    tokens_per_image: n (latent tokens per input image), num_output_tokens: N
+    """
+
+    input_ids: Tensor
+    pad: Tensor
+    segment: Tensor
+    span_row: Tensor
+    span_start: Tensor
+    span_image: Tensor
+    tokens_per_image: int
+    num_output_tokens: int
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_condition_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_condition_tokens + 1 + self.num_output_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("input_ids", "pad", "segment", "span_row", "span_start", "span_image")}
+        return Conditioning(**moved, tokens_per_image=self.tokens_per_image,
+                            num_output_tokens=self.num_output_tokens, extras=self.extras)
+
+    def position_ids(self) -> Tensor:
+        """(B, L): 0 on the left pad, then 0, 1, ... over text, time token and output tokens."""
+        idx = torch.arange(self.seq_len, device=self.device)
+        return (idx[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def image_token_index(self) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of every image token, span by span: each (S * n,)."""
+        n = self.tokens_per_image
+        offs = torch.arange(n, device=self.device)
+        rows = self.span_row[:, None].expand(-1, n).reshape(-1)
+        cols = (self.span_start[:, None] + offs[None, :]).reshape(-1)
+        return rows, cols
+
+    def mask(self, q_start: int = 0) -> Tensor:
+        """Boolean attention mask (B, 1, L - q_start, L); True = may attend.
+
+        `q_start = C` gives only the rows of the time token and the output tokens (what one
+        KV-cached sampling step needs).
+        """
+        B, C, L = self.batch_size, self.num_condition_tokens, self.seq_len
+        dev = self.device
+        q = torch.arange(q_start, L, device=dev)[None, :, None]  # (1, Lq, 1)
+        k = torch.arange(L, device=dev)[None, None, :]  # (1, 1, L)
+        pad = self.pad[:, None, None]  # (B, 1, 1)
+        seg = torch.cat([self.segment, self.segment.new_zeros(B, 1 + self.num_output_tokens)], dim=1)
+        seg_q = seg[:, q_start:, None]  # (B, Lq, 1)
+        seg_k = seg[:, None, :]  # (B, 1, L)
+        allowed = (k <= q) | (q > C) | ((seg_q == seg_k) & (seg_q > 0))
+        allowed = (allowed & (k >= pad)) | (q < pad)
+        return allowed[:, None]  # (B, 1, Lq, L)
+
+
+def build_conditioning(tokenizer, prompts: list[str], num_images: list[int] | int, tokens_per_image: int,
+                       num_output_tokens: int, pad_token_id: int | None = None,
+                       image_rows: list[int] | None = None,
+                       device: torch.device | str | None = None) -> Conditioning:
+    """Tokenize and collate a batch.
+
+    `num_images[b]` input images are referenced by row b's prompt (0 for a text-only or
+    unconditional row). Images come from a (B_img, K, c, h, w) latent tensor: row b shows the
+    images of row `image_rows[b]` (default b), so guidance branches can share one image tensor.
+    `K` is `max(num_images)`.
+    """
+    B = len(prompts)
+    counts = [num_images] * B if isinstance(num_images, int) else list(num_images)
+    if len(counts) != B:
+        raise ValueError(f"num_images has {len(counts)} entries for {B} prompts")
+    K = max(counts, default=0)
+    pad_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    src = list(range(B)) if image_rows is None else list(image_rows)
+    rows = [tokenize_multimodal(tokenizer, p, c, tokens_per_image) for p, c in zip(prompts, counts)]
+    C = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((B, C), pad_id, dtype=torch.long)
+    segment = torch.zeros((B, C), dtype=torch.long)
+    pad = torch.empty(B, dtype=torch.long)
+    span_row, span_start, span_image = [], [], []
+    for b, (ids, spans, image_ids) in enumerate(rows):
+        p = C - len(ids)
+        pad[b] = p
+        input_ids[b, p:] = torch.tensor(ids, dtype=torch.long)
+        for s, ((start, end), img) in enumerate(zip(spans, image_ids)):
+            segment[b, p + start:p + end] = s + 1
+            span_row.append(b)
+            span_start.append(p + start)
+            span_image.append(src[b] * K + img)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    cond = Conditioning(input_ids=input_ids, pad=pad, segment=segment, span_row=as_long(span_row),
+                        span_start=as_long(span_start), span_image=as_long(span_image),
+                        tokens_per_image=tokens_per_image, num_output_tokens=num_output_tokens)
+    return cond if device is None else cond.to(device)

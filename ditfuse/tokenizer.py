@@ -1,0 +1,148 @@
+"""Tokenizers: a built-in, file-free word-level one for `tiny`, and the checkpoint's own.
+
+Why a word-level tokenizer: a byte-level one makes a DiTFuse prompt ~400 tokens, several times
+the 2x64 image tokens of the 32x32 demo. Here each tag, special marker and prompt word is one
+token (a DiTFuse prompt is ~50 tokens); anything else falls back to its UTF-8 bytes, so every
+string round-trips to ids without files.
+
+Both tokenizers expose the same small interface used by `ditfuse.conditioning`:
+`encode(text) -> list[int]` (with a leading BOS, like the Llama/Phi-3 tokenizer OmniGen uses),
+`bos_token_id`, `pad_token_id`, `vocab_size`, and `__call__(text).input_ids` (the HF calling
+convention diffusers' OmniGenMultiModalProcessor relies on).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+from ditfuse import prompts as P
+
+# Ids 0..2 follow the Llama convention OmniGen inherits: <unk>=0, <s>=1 (BOS), </s>=2 (OmniGen's
+# collator pads with 2).
+SPECIALS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<|user|>", "<|end|>", "<|assistant|>",
+                             "<|diffusion|>", "<img>", "</img>", "<cfg>")
+TAGS: tuple[str, ...] = tuple(sorted(set(P.TASK_TAG.values()) | set(P.FUSION_SUBTAG.values())
+                                     | {f"<{s}>" for s in P.CONTROL_SUBTASKS}))
+# A few class names likely in segmentation prompts (others fall back to bytes).
+_EXTRA_WORDS = ("person people car tree sky road building grass water bicycle bus truck dog cat "
+                "bird boat house window door wall flower plant chair table sign light mountain "
+                "cloud sea sand rock field fence pole street sidewalk vehicle animal object "
+                "generate image according following instructions").split()
+
+_SPECIAL_RE = "|".join(re.escape(s) for s in sorted(SPECIALS + TAGS, key=len, reverse=True))
+_TOKEN_RE = re.compile(rf"{_SPECIAL_RE}|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]")
+
+
+def _prompt_words() -> list[str]:
+    texts = [P.TEMPLATE] + [s for pool in P.INSTRUCTIONS.values() for s in pool]
+    texts += [s for pool in P.CONTROL_INSTRUCTIONS.values() for s in pool]
+    words = set(_EXTRA_WORDS)
+    for t in texts:
+        words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
+    return sorted(words)
+
+
+class BuiltinTokenizer:
+    """Word-level tokenizer over the DiTFuse prompt vocabulary with UTF-8 byte fallback.
+
+    Words are lower-cased; whitespace separates tokens and is not encoded (decode joins with
+    spaces). Ids: specials, tags, 256 byte tokens, punctuation/digits, then words.
+    """
+
+    def __init__(self) -> None:
+        self._bytes = [f"<0x{b:02X}>" for b in range(256)]
+        punct = [c for c in "0123456789.,:;!?'\"()[]{}<>-_/\\|+*=&%$#@^~`"]
+        vocab = list(SPECIALS) + list(TAGS) + self._bytes + punct + _prompt_words()
+        seen: dict[str, int] = {}
+        for tok in vocab:
+            seen.setdefault(tok, len(seen))
+        self.token_to_id = seen
+        self.id_to_token = list(seen)
+        self._byte0 = seen["<0x00>"]
+
+    unk_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token_id = 2
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.id_to_token)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_bos else []
+        for piece in _TOKEN_RE.findall(text):
+            key = piece if piece in self.token_to_id and not piece.isalpha() else piece.lower()
+            tid = self.token_to_id.get(key)
+            if tid is None:  # byte fallback
+                ids.extend(self._byte0 + b for b in piece.encode("utf-8"))
+            else:
+                ids.append(tid)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            if self._byte0 <= i < self._byte0 + 256:
+                buf.append(i - self._byte0)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf.clear()
+            if i not in (self.bos_token_id, self.pad_token_id):
+                out.append(self.id_to_token[i])
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return " ".join(out)
+
+    def __call__(self, text: str) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=self.encode(text))
+
+
+class PretrainedTokenizer:
+    """The checkpoint's own tokenizer (Phi-3/Llama for OmniGen-v1), from a local folder only."""
+
+    # OmniGen's collator pads input ids with 2 (</s>); pad positions are masked anyway.
+    pad_token_id = 2
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        for cand in (path / "tokenizer", path):
+            if (cand / "tokenizer_config.json").is_file() or (cand / "tokenizer.json").is_file():
+                break
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer in {path} (looked for tokenizer/ and tokenizer.json/tokenizer_config.json): "
+                "pass a local OmniGen folder via --model.pretrained or --model.tokenizer; nothing is downloaded")
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(cand), local_files_only=True)
+        self.bos_token_id = self.hf.bos_token_id
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(self.hf(text).input_ids)
+        if not add_bos and ids and ids[0] == self.bos_token_id:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids)
+
+    def __call__(self, text: str) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=self.encode(text))
+
+
+Tokenizer = BuiltinTokenizer | PretrainedTokenizer
+
+
+def load_tokenizer(spec: str | Path | None) -> Tokenizer:
+    """`"builtin"` (or None) -> BuiltinTokenizer; a local folder -> PretrainedTokenizer."""
+    if spec is None or str(spec) == "builtin":
+        return BuiltinTokenizer()
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"tokenizer path {spec} does not exist (use 'builtin' or a local folder)")
+    return PretrainedTokenizer(spec)
