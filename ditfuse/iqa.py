@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -295,10 +296,25 @@ class IQAScorer:
         return f"IQAScorer({self.name!r}, device={self.device})"
 
 
+def _check_torchscript(name: str, path: Path) -> None:
+    """pyiqa's clip_model.load() only reads TorchScript: its state-dict fallback re-reads an
+    already consumed file handle and dies with an EOFError, so say what is wrong up front."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith("constants.pkl") for n in archive.namelist()):
+                return
+    except zipfile.BadZipFile:
+        pass
+    raise ValueError(f"{name}: backbone {path} is not a TorchScript archive (OpenAI's RN50.pt is; "
+                     "pyiqa cannot load a plain state dict); re-download it from "
+                     f"{_CLIP_RN50_URL}")
+
+
 def _build_one(pyiqa, name: str, paths: dict[str, Path], device: str | torch.device,
                maniqa_crops: int | None) -> IQAScorer:
     if name.startswith("clipiqa"):
         # `backbone` is a file, so clip_model.load() reads it instead of downloading RN50.
+        _check_torchscript(name, paths["backbone"])
         metric = pyiqa.create_metric(name, backbone=str(paths["backbone"]), pretrained=False,
                                      device="cpu")
         if "prompts" in paths:  # what CLIPIQA(pretrained=True) would load for clipiqa+

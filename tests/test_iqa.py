@@ -152,6 +152,20 @@ def test_pyiqa_import_failure_is_one_line(monkeypatch, tmp_path):
     assert len(caught) == 1 and "pyiqa" in str(caught[0].message)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+def test_backbone_must_be_torchscript(tiny_dir, tmp_path):
+    from pyiqa.archs.clip_model import load
+
+    plain = tmp_path / "RN50.pt"
+    torch.save(load(str(tiny_dir / CLIP_FILE), "cpu").state_dict(), plain)
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        build_iqa_metrics(files={"clipiqa": plain}, names=("clipiqa",))
+    truncated = tmp_path / "partial.pt"
+    truncated.write_bytes((tiny_dir / CLIP_FILE).read_bytes()[:1000])  # an interrupted download
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        build_iqa_metrics(files={"clipiqa": truncated}, names=("clipiqa",))
+
+
 def test_bad_names_and_keys_name_the_value(tmp_path):
     with pytest.raises(ValueError, match="musiq"):
         resolve_iqa_weights(tmp_path, names=("musiq",))
