@@ -256,12 +256,12 @@ def _original_name(key: str) -> str:
     return "llm." + key
 
 
-def _empty_transformer(config: dict[str, Any]) -> nn.Module:
-    """OmniGenTransformer2DModel with parameters on the meta device (buffers real)."""
+def _empty_transformer(config: dict[str, Any], buffers: bool = False) -> nn.Module:
+    """OmniGenTransformer2DModel with parameters (and buffers if asked) on the meta device."""
     from accelerate import init_empty_weights
     from diffusers import OmniGenTransformer2DModel
 
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=buffers):
         return OmniGenTransformer2DModel(**config)
 
 
@@ -329,3 +329,432 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None) -> nn.M
     model = OmniGenTransformer2DModel.from_pretrained(
         str(folder), torch_dtype=dtype or _stored_dtype(folder), local_files_only=True)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+_ADAPTER = "default"  # peft's adapter name; saved files drop it, raw state dicts keep it
+_LORA_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+_PREFIXES = ("base_model.model.", "model.", "llm.")  # PeftModel wrapper, OmniGen.llm
+_OFFICIAL_TO_OURS = {"self_attn.o_proj": "self_attn.to_out.0", "mlp.gate_up_proj": "mlp.gate_up_proj",
+                     "mlp.down_proj": "mlp.down_proj"}  # Phi3 and OmniGenBlock share the MLP names
+_OURS_TO_OFFICIAL = {v: k for k, v in _OFFICIAL_TO_OURS.items()}
+_LAYER_MODULE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(module path without wrapper prefixes, "A" | "B") of a LoRA weight key."""
+    m = _LORA_KEY.match(key)
+    if m is None:
+        raise ValueError(f"adapter key {key!r} is not a LoRA A/B weight; only plain LoRA adapters "
+                         "(no bias, DoRA or modules_to_save) can be converted")
+    module = m["module"]
+    for prefix in _PREFIXES:
+        module = module[len(prefix):] if module.startswith(prefix) else module
+    return module, m["ab"]
+
+
+def _group(sd: StateDict) -> dict[str, dict[str, Tensor]]:
+    """{module path: {"A": lora_A, "B": lora_B}} with wrapper prefixes and adapter names removed."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in sd.items():
+        module, ab = _split_key(key)
+        modules.setdefault(module, {})[ab] = value
+    broken = [m for m, ab in modules.items() if set(ab) != {"A", "B"}]
+    if broken:
+        raise ValueError(f"adapter modules {broken[:3]} lack lora_A or lora_B; the adapter file is incomplete")
+    return modules
+
+
+def _ungroup(modules: dict[str, dict[str, Tensor]], prefix: str = "") -> StateDict:
+    return {f"{prefix}{m}.lora_{ab}.weight": t for m, abs_ in modules.items() for ab, t in abs_.items()}
+
+
+def _keys_format(keys: list[str]) -> AdapterFormat:
+    leaves = {_split_key(k)[0] for k in keys}
+    if any(m.endswith((".qkv_proj", ".o_proj")) for m in leaves) or any(".llm." in f".{k}" for k in keys):
+        return "official"
+    return "ditfuse"
+
+
+def _adapter_files(folder: str | Path) -> tuple[Path, Path]:
+    p = Path(folder)
+    hint = f"pass a peft adapter folder holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS[0]}"
+    if not p.is_dir():
+        raise FileNotFoundError(f"adapter folder {p} does not exist; {hint}")
+    if not (p / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{p / ADAPTER_CONFIG} not found; {hint}")
+    weights = _first_existing(p, ADAPTER_WEIGHTS)
+    if weights is None:
+        raise FileNotFoundError(f"{p / ADAPTER_WEIGHTS[0]} not found; {hint}")
+    return p / ADAPTER_CONFIG, weights
+
+
+def detect_adapter_format(folder: str | Path) -> AdapterFormat:
+    """"official" (fused qkv_proj/o_proj on OmniGen's llm) or "ditfuse" (to_q/to_k/to_v/to_out.0)."""
+    _, weights = _adapter_files(folder)
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            return _keys_format(list(f.keys()))
+    return _keys_format(list(_load_tensors(weights)))
+
+
+def _check_plain_lora(config: dict[str, Any], *, patterns_ok: bool) -> None:
+    for key in ("use_dora", "lora_bias", "modules_to_save"):
+        if config.get(key):
+            raise ValueError(f"adapter_config.json sets {key}={config[key]!r}; only plain LoRA converts")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"adapter_config.json sets bias={config['bias']!r}; only bias='none' converts")
+    if not patterns_ok and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise ValueError("the official adapter sets rank_pattern/alpha_pattern; per-module ranks are not "
+                         "supported on import (export a single r and lora_alpha)")
+
+
+def lora_scale(config: dict[str, Any], module: str | None = None) -> float:
+    """lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), per module when patterns are set."""
+    from peft.utils.other import get_pattern_key
+
+    r, alpha = config["r"], config["lora_alpha"]
+    if module is not None:
+        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        r = ranks.get(get_pattern_key(list(ranks), module), r)
+        alpha = alphas.get(get_pattern_key(list(alphas), module), alpha)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _adapter_config(config: dict[str, Any], targets: set[str], **changes: Any) -> dict[str, Any]:
+    """Copy of a peft adapter config with new targets, JSON-ready, no base model reference."""
+    out = {k: _jsonable(v) for k, v in config.items()}
+    out.update(peft_type="LORA", target_modules=sorted(targets), base_model_name_or_path=None,
+               rank_pattern={}, alpha_pattern={}, **changes)
+    out.setdefault("lora_alpha", out.get("r"))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return getattr(value, "value", value)  # enums (PeftType, TaskType)
+
+
+def _leaf(module: str) -> str:
+    """Target name peft matches for a module path (`to_out.0` keeps its index)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def convert_official_lora(state_dict: StateDict, config: dict[str, Any],
+                          model_config: dict[str, Any] | None = None) -> tuple[StateDict, dict[str, Any]]:
+    """Official fused-qkv adapter -> this framework's (A copied to to_q/k/v, B split by rows).
+
+    `config` is the official adapter_config.json; `model_config` (the transformer's) gives the
+    q/k/v row split; without it the split is in thirds, which holds for every model diffusers'
+    OmniGen attention can run (num_key_value_heads == num_attention_heads).
+    """
+    _check_plain_lora(config, patterns_ok=False)
+    out: dict[str, dict[str, Tensor]] = {}
+    for module, ab in _group(state_dict).items():
+        m = _LAYER_MODULE.match(module)
+        if m and m[2] == "self_attn.qkv_proj":
+            out.update(_split_qkv_lora(f"layers.{m[1]}.self_attn", ab, model_config))
+        elif m and m[2] in _OFFICIAL_TO_OURS:
+            out[f"layers.{m[1]}.{_OFFICIAL_TO_OURS[m[2]]}"] = dict(ab)
+        else:
+            raise ValueError(f"official adapter module {module!r} has no counterpart in "
+                             "OmniGenTransformer2DModel (expected llm.layers.N.self_attn.qkv_proj/o_proj)")
+    return _ungroup(out), _adapter_config(config, {_leaf(m) for m in out})
+
+
+def _split_qkv_lora(prefix: str, ab: dict[str, Tensor], model_config: dict[str, Any] | None
+                    ) -> dict[str, dict[str, Tensor]]:
+    rows = ab["B"].shape[0]
+    sizes = qkv_sizes(model_config) if model_config else (rows // 3,) * 3
+    if sum(sizes) != rows:
+        raise ValueError(f"{prefix}.qkv_proj lora_B has {rows} rows, the model's q/k/v need {sizes}; "
+                         "the adapter was trained on another model")
+    parts = ab["B"].split(list(sizes), dim=0)
+    return {f"{prefix}.{name}": {"A": ab["A"].clone(), "B": b.clone()} for name, b in zip(_QKV, parts)}
+
+
+def export_official_lora(state_dict: StateDict, config: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
+    """This framework's adapter -> official fused-qkv format, exactly.
+
+    to_q/to_k/to_v with one shared A fuse into rank r (B stacked by rows); otherwise the A are
+    stacked (rank 3r) under a block-diagonal B. Every module is zero-padded to the largest rank
+    R and lora_alpha is scaled by R/r, so alpha/R (or alpha/sqrt(R)) equals the old scale; with
+    per-module patterns each B absorbs its own scale ratio instead.
+    """
+    _check_plain_lora(config, patterns_ok=True)
+    modules = _group(state_dict)
+    scales = {m: lora_scale(config, m) for m in modules}
+    base = lora_scale(config)
+    fused: dict[str, tuple[Tensor, Tensor]] = {}
+    for prefix, parts in _qkv_groups(modules).items():
+        fused[f"llm.{prefix}.qkv_proj"] = _fuse_qkv(parts, {n: scales[f"{prefix}.{n}"] / base for n in parts})
+    for module, ab in modules.items():
+        m = _LAYER_MODULE.match(module)
+        if m and m[2].startswith("self_attn.to_") and m[2] != "self_attn.to_out.0":
+            continue  # fused above
+        if not m or m[2] not in _OURS_TO_OFFICIAL:
+            raise ValueError(f"adapter module {module!r} has no counterpart in OmniGen's llm (targets "
+                             "to_q/to_k/to_v/to_out.0/gate_up_proj/down_proj export)")
+        fused[f"llm.layers.{m[1]}.{_OURS_TO_OFFICIAL[m[2]]}"] = (ab["A"], ab["B"] * (scales[module] / base))
+    return _pad_to_common_rank(fused, config)
+
+
+def _qkv_groups(modules: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """{"layers.N.self_attn" : {"to_q": {"A", "B"}, ...}} for every layer with q/k/v adapters."""
+    groups: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for module, ab in modules.items():
+        m = _LAYER_MODULE.match(module)
+        name = m[2].removeprefix("self_attn.") if m else ""
+        if name in _QKV:
+            groups.setdefault(f"layers.{m[1]}.self_attn", {})[name] = ab
+    return groups
+
+
+def _fuse_qkv(parts: dict[str, dict[str, Tensor]], ratio: dict[str, float]) -> tuple[Tensor, Tensor]:
+    """(A, B) of one fused qkv_proj; a missing q/k/v contributes zero rows of B."""
+    rows = next(iter(parts.values()))["B"].shape[0]  # q, k and v have equal rows (no GQA)
+    a_list = [ab["A"] for ab in parts.values()]
+    ref = parts[next(iter(parts))]["B"]
+    if all(torch.equal(a, a_list[0]) for a in a_list):
+        blocks = [parts[n]["B"] * ratio[n] if n in parts else ref.new_zeros(rows, ref.shape[1]) for n in _QKV]
+        return a_list[0], torch.cat(blocks, dim=0)
+    a = torch.cat(a_list, dim=0)
+    b = ref.new_zeros(3 * rows, a.shape[0])
+    col = 0
+    for i, name in enumerate(_QKV):
+        if name in parts:
+            rank = parts[name]["A"].shape[0]
+            b[i * rows:(i + 1) * rows, col:col + rank] = parts[name]["B"] * ratio[name]
+            col += rank
+    return a, b
+
+
+def _pad_to_common_rank(fused: dict[str, tuple[Tensor, Tensor]], config: dict[str, Any]
+                        ) -> tuple[StateDict, dict[str, Any]]:
+    rank = max(a.shape[0] for a, _ in fused.values())
+    out: StateDict = {}
+    for module, (a, b) in fused.items():
+        pad = rank - a.shape[0]
+        out[f"base_model.model.{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    # keep the scale: alpha'/R == alpha/r (rslora: alpha'/sqrt(R) == alpha/sqrt(r))
+    ratio = rank / config["r"]
+    alpha = config["lora_alpha"] * (math.sqrt(ratio) if config.get("use_rslora") else ratio)
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    targets = {m.rsplit(".", 1)[-1] for m in fused}
+    return out, _adapter_config(config, targets, r=rank, lora_alpha=alpha)
+
+
+def _normalize_ours(state_dict: StateDict) -> StateDict:
+    return _ungroup(_group(state_dict))
+
+
+def load_adapter_state(folder: str | Path, model_config: dict[str, Any] | None = None
+                       ) -> tuple[StateDict, dict[str, Any]]:
+    """(state dict in this framework's naming, adapter config) from an adapter of either format."""
+    config_path, weights = _adapter_files(folder)
+    config = _read_json(config_path)
+    sd = _load_tensors(weights)
+    if _keys_format(list(sd)) == "official":
+        return convert_official_lora(sd, config, model_config)
+    _check_plain_lora(config, patterns_ok=True)
+    sd = _normalize_ours(sd)
+    return sd, _adapter_config(config, {_leaf(m) for m in _group(sd)},
+                               rank_pattern=config.get("rank_pattern") or {},
+                               alpha_pattern=config.get("alpha_pattern") or {})
+
+
+def save_adapter(folder: str | Path, state_dict: StateDict, config: dict[str, Any]) -> None:
+    """peft adapter folder: adapter_config.json + adapter_model.safetensors."""
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / ADAPTER_CONFIG).write_text(json.dumps({k: _jsonable(v) for k, v in config.items()}, indent=2))
+    _save_tensors(state_dict, p / ADAPTER_WEIGHTS[0])
+
+
+def lora_config_from_dict(config: dict[str, Any]):
+    """peft.LoraConfig from an adapter_config.json dict (unknown keys of other peft versions dropped)."""
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
+    return LoraConfig(**{k: v for k, v in config.items() if k in fields})
+
+
+def inject_lora(transformer: nn.Module, state_dict: StateDict, config: dict[str, Any]) -> nn.Module:
+    """Add the adapter (either format) to the transformer through peft, unmerged; returns it."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    if _keys_format(list(state_dict)) == "official":
+        state_dict, config = convert_official_lora(state_dict, config, dict(transformer.config))
+    state_dict = _normalize_ours(state_dict)
+    inject_adapter_in_model(lora_config_from_dict(config), transformer, adapter_name=_ADAPTER)
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=_ADAPTER)
+    unloaded = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or unloaded:
+        raise ValueError(f"adapter does not fit the transformer (unexpected {result.unexpected_keys[:3]}, "
+                         f"not loaded {unloaded[:3]}); it was trained on another model or config")
+    return transformer
+
+
+def merge_lora(transformer: nn.Module, state_dict: StateDict, config: dict[str, Any]) -> nn.Module:
+    """Merge W <- W + scale * B @ A into the transformer (peft's own merge) and drop the adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inject_lora(transformer, state_dict, config)
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(transformer, "peft_config"):
+        del transformer.peft_config
+    return transformer
+
+
+# --------------------------------------------------------------------------- `ditfuse convert`
+class OutputExistsError(Exception):
+    """--out is a non-empty folder and --overwrite was not given."""
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    """Transformer config dict of a model folder of either layout, without loading weights."""
+    if detect_layout(path) == "original":
+        return transformer_config_from_original(_read_json(path / "config.json"))
+    return _read_json(_transformer_dir(path) / "config.json")
+
+
+def _copy_extras(src: Path, dst: Path) -> list[str]:
+    """Copy vae/, tokenizer/, scheduler/ (and model_index.json) of a model folder; the original
+    OmniGen-v1 layout keeps its tokenizer files at the top level, they go to tokenizer/."""
+    copied = []
+    for sub in ("vae", "tokenizer", "scheduler"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dst / sub)
+            copied.append(sub)
+    loose = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if loose and "tokenizer" not in copied:
+        (dst / "tokenizer").mkdir(parents=True)
+        for f in loose:
+            shutil.copy2(f, dst / "tokenizer" / f.name)
+        copied.append("tokenizer")
+    if (src / "model_index.json").is_file() and (src / "transformer").is_dir():
+        shutil.copy2(src / "model_index.json", dst / "model_index.json")
+    return copied
+
+
+def _cmd_model(args: argparse.Namespace, out: Path) -> str:
+    if detect_layout(args.src) == "diffusers":
+        raise ValueError(f"{args.src} is already in diffusers layout; nothing to convert")
+    config, sd, weights = _read_original(args.src)
+    model = _empty_transformer(config, buffers=True)
+    _check_keys(model, sd, weights)
+    model.save_config(str(out / "transformer"))
+    _save_tensors(sd, out / "transformer" / TRANSFORMER_WEIGHTS)
+    extras = _copy_extras(args.src, out)
+    return f"transformer/ ({len(sd)} tensors)" + "".join(f", {e}/" for e in extras)
+
+
+def _cmd_lora(args: argparse.Namespace, out: Path) -> str:
+    if detect_adapter_format(args.src) != "official":
+        raise ValueError(f"{args.src} is already in this framework's adapter format (to_q/to_k/to_v)")
+    model_config = _model_config(args.model) if args.model else None
+    sd, config = load_adapter_state(args.src, model_config)
+    save_adapter(out, sd, config)
+    return f"adapter ({len(sd)} tensors, r={config['r']}, lora_alpha={config['lora_alpha']})"
+
+
+def _cmd_merge(args: argparse.Namespace, out: Path) -> str:
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    _adapter_files(args.lora)  # fail on a bad --lora before loading gigabytes
+    model = load_transformer(args.model, dtype)
+    sd, config = load_adapter_state(args.lora, dict(model.config))
+    merge_lora(model, sd, config)
+    model.save_pretrained(str(out / "transformer"), safe_serialization=True)
+    extras = _copy_extras(args.model, out)
+    return f"merged transformer/ (scale {lora_scale(config):g})" + "".join(f", {e}/" for e in extras)
+
+
+def _cmd_export(args: argparse.Namespace, out: Path) -> str:
+    if detect_adapter_format(args.lora) != "ditfuse":
+        raise ValueError(f"{args.lora} is already an official (qkv_proj/o_proj) adapter")
+    sd, config = export_official_lora(*load_adapter_state(args.lora))
+    save_adapter(out, sd, config)
+    return f"official adapter (r={config['r']}, lora_alpha={config['lora_alpha']})"
+
+
+_COMMANDS = {"model": _cmd_model, "lora": _cmd_lora, "merge": _cmd_merge, "export-official": _cmd_export}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ditfuse convert", description="Convert OmniGen / DiTFuse weights "
+                                "offline (local folders only, transformer-only inputs allowed).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{model,lora,merge,export-official}")
+    m = sub.add_parser("model", help="original OmniGen-v1 folder -> diffusers layout "
+                       "(OUT/transformer/, plus vae/ and tokenizer/ when the source has them)")
+    m.add_argument("--src", type=Path, required=True, help="original layout: config.json + model.safetensors")
+    lo = sub.add_parser("lora", help="official DiTFuse/OmniGen adapter (qkv_proj/o_proj) -> this framework's")
+    lo.add_argument("--src", type=Path, required=True, help="official peft adapter folder")
+    lo.add_argument("--model", type=Path, help="optional model folder for the q/k/v split (default: thirds)")
+    g = sub.add_parser("merge", help="model (either layout) + adapter (either format) -> merged diffusers model")
+    g.add_argument("--model", type=Path, required=True, help="model folder, diffusers or original layout")
+    g.add_argument("--lora", type=Path, required=True, help="adapter folder, either format")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (auto: as stored)")
+    e = sub.add_parser("export-official", help="this framework's adapter -> official qkv_proj/o_proj format")
+    e.add_argument("--lora", type=Path, required=True, help="this framework's adapter folder")
+    for s in (m, lo, g, e):
+        s.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+        s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    out = args.out.resolve()
+    for name in ("src", "model", "lora"):
+        src = getattr(args, name, None)
+        if src is not None and (out == src.resolve() or out in src.resolve().parents):
+            raise ValueError(f"--out {args.out} would overwrite the input --{name} {src}; pick another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {args.out} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise OutputExistsError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _write_staged(args: argparse.Namespace) -> str:
+    """Run the command into a sibling temp folder, then move it to --out (no half-written output)."""
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        summary = _COMMANDS[args.command](args, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return summary
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ditfuse convert {model,lora,merge,export-official} ...`; exit 2 on a user error."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2), already printed by argparse
+        return int(stop.code or 0)
+    try:
+        _check_out(args)
+        summary = _write_staged(args)
+    except (FileNotFoundError, ValueError, OutputExistsError) as err:
+        print(f"ditfuse convert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"ditfuse convert {args.command}: wrote {args.out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
