@@ -12,9 +12,9 @@ CLIP's urllib download has no timeout, timm's hub download retries for about 48 
 cache; the default `weights_dir` is `torch.hub.get_dir()` evaluated at call time, so it follows
 `TORCH_HOME` whether or not pyiqa was imported before.
 
-Cost on a 2-core CPU per 512x512 image (METRICS.md): clipiqa ~4.5 s; maniqa ~2.7 s per 224x224
-crop, 20 crops by default (~60 s), so pass `maniqa_crops` and cap the images scored per epoch on
-CPU. On a GPU both are cheap.
+Cost per 512x512 image on the 2-core reference CPU (real-size networks): clipiqa 1-4.5 s;
+maniqa 2-3 s per 224x224 crop, 20 crops by default (~60 s). So on CPU pass `maniqa_crops` and cap
+the images scored per epoch (the callbacks do); on a GPU both are cheap. Building both: ~4-10 s.
 """
 
 from __future__ import annotations
@@ -328,8 +328,6 @@ def _build_one(pyiqa, name: str, paths: dict[str, Path], device: str | torch.dev
         # == metric.load_weights(path, weight_keys=None), without reading the file twice
         metric.net.load_state_dict(state, strict=True)
         if maniqa_crops is not None:
-            if maniqa_crops < 1:
-                raise ValueError(f"maniqa_crops must be >= 1, got {maniqa_crops}")
             metric.net.test_sample = maniqa_crops
     return IQAScorer(name, metric.to(device).eval(), device)
 
@@ -345,26 +343,32 @@ def build_iqa_metrics(weights_dir: str | Path | None = None,
 
     Files are found as in `resolve_iqa_weights`. With `required=False` a metric whose file is
     missing (or all of them, when pyiqa does not import) is dropped with one warning line.
-    `maniqa_crops` overrides MANIQA's 20 uniform 224x224 crops per image (cost is linear in it).
-    Per 512x512 image on a 2-core CPU: clipiqa ~4.5 s, maniqa ~2.7 s per crop.
+    `maniqa_crops` overrides MANIQA's 20 224x224 crops per image (cost is linear in it). pyiqa
+    lays them on a grid from the top-left corner, so 1 crop sees only that corner; 4 see all
+    four corners. Scores move with the crop count, so compare runs only at one setting.
     """
     names = _check_names(names)
+    if maniqa_crops is not None and maniqa_crops < 1:
+        raise ValueError(f"maniqa_crops must be >= 1, got {maniqa_crops}")
+    found: dict[str, dict[str, Path]] = {}
+    for name in names:  # every file first: a missing one fails before pyiqa's slow import
+        try:
+            found.update(resolve_iqa_weights(weights_dir, files, (name,)))
+        except IQAWeightsMissing as exc:
+            if required:
+                raise
+            warnings.warn(f"IQA metric {name} dropped: {exc}", stacklevel=2)
+    if not found:
+        return {}
     try:
         pyiqa = _import_pyiqa()
     except ImportError as exc:
         if required:
             raise
-        warnings.warn(f"IQA metrics {list(names)} dropped: {exc}", stacklevel=2)
+        warnings.warn(f"IQA metrics {list(found)} dropped: {exc}", stacklevel=2)
         return {}
     scorers: dict[str, Callable[[Tensor], Tensor]] = {}
-    for name in names:
-        try:
-            paths = resolve_iqa_weights(weights_dir, files, (name,))[name]
-        except IQAWeightsMissing as exc:
-            if required:
-                raise
-            warnings.warn(f"IQA metric {name} dropped: {exc}", stacklevel=2)
-            continue
+    for name, paths in found.items():
         with _no_downloads(), warnings.catch_warnings():
             # clip_model.load() reads the TorchScript RN50 with the deprecated torch.jit.load
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated",

@@ -142,14 +142,15 @@ def test_optional_metric_warns_once_and_is_dropped(tiny_dir, tmp_path):
     assert "\n" not in str(ours[0].message)
 
 
-def test_pyiqa_import_failure_is_one_line(monkeypatch, tmp_path):
+def test_pyiqa_import_failure_is_one_line(monkeypatch, tiny_dir):
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # import pyiqa -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'ditfuse\[iqa\]'.*setuptools<82"):
-        build_iqa_metrics(tmp_path)
+        build_iqa_metrics(tiny_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert build_iqa_metrics(tmp_path, required=False) == {}
+        assert build_iqa_metrics(tiny_dir, required=False) == {}
     assert len(caught) == 1 and "pyiqa" in str(caught[0].message)
+    assert "\n" not in str(caught[0].message)
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
@@ -171,6 +172,8 @@ def test_bad_names_and_keys_name_the_value(tmp_path):
         resolve_iqa_weights(tmp_path, names=("musiq",))
     with pytest.raises(ValueError, match="clipiqa.prompt"):
         resolve_iqa_weights(tmp_path, files={"clipiqa.prompt": "x"})
+    with pytest.raises(ValueError, match="maniqa_crops"):
+        build_iqa_metrics(tmp_path, maniqa_crops=0)
 
 
 # ---------------------------------------------------------------------------------------------
