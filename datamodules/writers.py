@@ -1,0 +1,274 @@
+"""Shard writers: folder data sets -> WebDataset tars `{kind}-%06d.tar` (SHARDS.md).
+
+Each writer validates as it goes (unpaired names, unreadable images, size mismatch), skips what
+fails and reports it. Images already in PNG/JPEG are stored byte-for-byte; BMP/TIFF are re-encoded
+as PNG (16-bit stays 16-bit). 16-bit images get their value range recorded in the json (`ranges`)
+so the loader can stretch thermal images without losing their contrast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from datamodules.io import IMAGE_EXTS, ImageReadError, encode_png, read_image, value_range
+from datamodules.schema import shard_name
+
+
+class TarShardWriter:
+    """Writes samples into `out/{kind}-000000.tar`, `-000001.tar`, ... with `shard_size` samples each.
+
+    Members get a fixed mtime and owner so the same input gives byte-identical shards.
+    """
+
+    def __init__(self, out: str | Path, kind: str, shard_size: int = 1000):
+        if shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        self.out, self.kind, self.shard_size = Path(out), kind, shard_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.paths: list[Path] = []
+        self.count = 0
+        self._tar: tarfile.TarFile | None = None
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys there)")
+        if self._tar is None or self.count % self.shard_size == 0:
+            self._next()
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
+        self.count += 1
+
+    def _next(self) -> None:
+        self.close()
+        path = self.out / shard_name(self.kind, len(self.paths))
+        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.paths.append(path)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def json_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# folder readers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class WriteReport:
+    kind: str
+    out: Path
+    written: int = 0
+    shards: list[Path] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason].append(name)
+
+    def summary(self) -> str:
+        lines = [f"{self.kind}: wrote {self.written} samples in {len(self.shards)} shard(s) to {self.out}"]
+        for reason, names in sorted(self.skipped.items()):
+            shown = ", ".join(names[:5]) + (f", ... (+{len(names) - 5})" if len(names) > 5 else "")
+            lines.append(f"  skipped {len(names)} ({reason}): {shown}")
+        if not self.skipped:
+            lines.append("  skipped 0")
+        return "\n".join(lines)
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> dict[str, Path]:
+    """stem -> path of the images in a folder (stems with several extensions: the first, sorted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    out: dict[str, Path] = {}
+    for p in files:
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            stem = str(p.relative_to(folder).with_suffix("")) if recursive else p.stem
+            out.setdefault(stem, p)
+    return out
+
+
+def pair_folders(folders: dict[str, str | Path | None], report: WriteReport) -> list[tuple[str, dict[str, Path]]]:
+    """Match files by name across folders; names missing from some folder are reported unpaired."""
+    listed = {role: list_images(f) for role, f in folders.items() if f is not None}
+    names = sorted(set().union(*(set(v) for v in listed.values())))
+    pairs = []
+    for name in names:
+        missing = [role for role, imgs in listed.items() if name not in imgs]
+        if missing:
+            report.skip("unpaired name", f"{name} (no {'/'.join(missing)})")
+        else:
+            pairs.append((name, {role: imgs[name] for role, imgs in listed.items()}))
+    return pairs
+
+
+def _stored(arr: np.ndarray, path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) to store: PNG/JPEG as is, anything else re-encoded as PNG."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext in ("png", "jpg", "jpeg"):
+        return ("jpg" if ext == "jpeg" else ext), path.read_bytes()
+    return "png", encode_png(arr)
+
+
+def _sample_key(name: str) -> str:
+    return name.replace("/", "__").replace(".", "_").replace(" ", "_")
+
+
+def _load_group(paths: dict[str, Path], report: WriteReport, name: str) -> tuple[dict[str, bytes], dict] | None:
+    """Read every role's image; None (and a report entry) if one is unreadable or sizes differ."""
+    files, ranges, shapes = {}, {}, {}
+    for role, path in paths.items():
+        try:
+            arr = read_image(path)
+        except ImageReadError:
+            report.skip("unreadable image", str(path))
+            return None
+        shapes[role] = arr.shape[:2]
+        ext, data = _stored(arr, path)
+        files[f"{role}.{ext}"] = data
+        if arr.dtype == np.uint16 and role != "mask":
+            ranges[role] = list(value_range(arr))
+    if len(set(shapes.values())) > 1:
+        report.skip("size mismatch", f"{name} {dict(shapes)}")
+        return None
+    return files, ({"ranges": ranges} if ranges else {})
+
+
+def _write_all(kind: str, groups: list[tuple[str, dict[str, Path]]], out: str | Path, shard_size: int,
+               meta_for, report: WriteReport, progress: bool = True) -> WriteReport:
+    with TarShardWriter(out, kind, shard_size) as w:
+        for name, paths in tqdm(groups, desc=f"shards {kind}", unit="sample", file=sys.stderr,
+                                disable=not progress):
+            loaded = _load_group(paths, report, name)
+            if loaded is None:
+                continue
+            files, extra = loaded
+            meta = {**meta_for(name), **extra}
+            w.write(_sample_key(name), {**files, "json": json_bytes(meta)})
+            report.written += 1
+        report.shards = list(w.paths)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# the four writers
+# ---------------------------------------------------------------------------------------------
+def write_fusion(task: str, image1_dir: str | Path, image2_dir: str | Path, out: str | Path, *,
+                 target_dir: str | Path | None = None, shard_size: int = 1000, dataset: str | None = None,
+                 instruction: str | None = None, progress: bool = True) -> WriteReport:
+    """Paired folders (image 1 = visible / far-focus / over-exposed; image 2 = infrared / near / under)."""
+    if task not in FUSION_TASKS:
+        raise ValueError(f"--task must be one of {', '.join(FUSION_TASKS)}, got {task!r}")
+    report = WriteReport("fusion", Path(out))
+    groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "target": target_dir}, report)
+
+    def meta(name: str) -> dict:
+        m = {"task": task, "name": name, "dataset": dataset or Path(image1_dir).resolve().parent.name}
+        return {**m, "instruction": instruction} if instruction else m
+
+    return _write_all("fusion", groups, out, shard_size, meta, report, progress)
+
+
+def write_m3(images_dir: str | Path, out: str | Path, *, shard_size: int = 1000, dataset: str | None = None,
+             progress: bool = True) -> WriteReport:
+    """A folder (searched recursively) of clean images; the views are made on the fly."""
+    report = WriteReport("m3", Path(out))
+    groups = [(name, {"img": p}) for name, p in list_images(images_dir, recursive=True).items()]
+    ds = dataset or Path(images_dir).resolve().name
+    return _write_all("m3", groups, out, shard_size, lambda name: {"name": name, "dataset": ds}, report, progress)
+
+
+def load_classes(path: str | Path) -> dict[str, str]:
+    """A class-map JSON: {"1": "car", ...} or a list of names (index = label id)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--classes {path}: not a readable JSON file ({e})") from e
+    classes = {str(i): n for i, n in enumerate(raw)} if isinstance(raw, list) else {str(k): str(v) for k, v in raw.items()}
+    if not classes:
+        raise ValueError(f"--classes {path}: no classes")
+    return classes
+
+
+def write_seg(image1_dir: str | Path, image2_dir: str | Path, mask_dir: str | Path, classes: dict[str, str] | str | Path,
+              out: str | Path, *, shard_size: int = 1000, dataset: str | None = None,
+              overlay_base: str = "img1", progress: bool = True) -> WriteReport:
+    """Image pairs + label maps (uint8/uint16) + a class map; only classes present are listed per sample."""
+    cmap = classes if isinstance(classes, dict) else load_classes(classes)
+    report = WriteReport("seg", Path(out))
+    groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "mask": mask_dir}, report)
+    present: dict[str, dict[str, str]] = {}
+    kept = []
+    for name, paths in groups:
+        try:
+            labels = np.unique(read_image(paths["mask"]))
+        except ImageReadError:
+            report.skip("unreadable image", str(paths["mask"]))
+            continue
+        named = {str(int(v)): cmap[str(int(v))] for v in labels if str(int(v)) in cmap}
+        if not named:
+            report.skip("no known class in mask", name)
+            continue
+        present[name] = named
+        kept.append((name, paths))
+    ds = dataset or Path(image1_dir).resolve().parent.name
+
+    def meta(name: str) -> dict:
+        return {"classes": present[name], "name": name, "dataset": ds, "overlay_base": overlay_base}
+
+    return _write_all("seg", kept, out, shard_size, meta, report, progress)
+
+
+def write_control(image1_dir: str | Path, image2_dir: str | Path, target_dir: str | Path, out: str | Path, *,
+                  subtask: str | None = None, subtasks: dict[str, str] | None = None, shard_size: int = 1000,
+                  dataset: str | None = None, progress: bool = True) -> WriteReport:
+    """Pre-made control triples: the target is already adjusted; one subtask for all or per name."""
+    if subtask is None and not subtasks:
+        raise ValueError("control triples need --subtask (one for all) or --subtask-map (name -> subtask)")
+    for s in [subtask, *(subtasks or {}).values()]:
+        if s is not None and s not in CONTROL_SUBTASKS:
+            raise ValueError(f"subtask must be one of {', '.join(CONTROL_SUBTASKS)}, got {s!r}")
+    report = WriteReport("control", Path(out))
+    groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "target": target_dir}, report)
+    if subtasks:
+        for name, _ in [g for g in groups if g[0] not in subtasks and subtask is None]:
+            report.skip("no subtask in map", name)
+        groups = [g for g in groups if g[0] in subtasks or subtask is not None]
+    ds = dataset or Path(image1_dir).resolve().parent.name
+
+    def meta(name: str) -> dict:
+        return {"subtask": (subtasks or {}).get(name, subtask), "name": name, "dataset": ds}
+
+    return _write_all("control", groups, out, shard_size, meta, report, progress)
+
+
+def write_samples(kind: str, samples: Iterable[tuple[str, dict[str, bytes]]], out: str | Path,
+                  shard_size: int = 1000) -> list[Path]:
+    """Write ready-made samples (key, {field: bytes}); used by the demo builder."""
+    with TarShardWriter(out, kind, shard_size) as w:
+        for key, files in samples:
+            w.write(key, files)
+    return list(w.paths)
