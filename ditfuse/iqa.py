@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -234,7 +235,7 @@ def _maniqa_vit(vit_kwargs: dict) -> Iterator[None]:
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pickled extras; pyiqa itself loads with weights_only=False
+    except pickle.UnpicklingError:  # pickled extras; pyiqa itself loads with weights_only=False
         state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, Mapping) and "params" in state:
         state = state["params"]

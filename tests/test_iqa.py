@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("pyiqa")
 
-from _tiny_iqa import CLIP_FILE, MANIQA_FILE, TINY_MANIQA, TINY_VIT, make_tiny_iqa_weights  # noqa: E402
+from _tiny_iqa import CLIP_FILE, MANIQA_FILE, TINY_MANIQA, TINY_VIT, make_tiny_iqa_weights
 
-from ditfuse.iqa import (  # noqa: E402
+from ditfuse.iqa import (
     IQADownloadBlocked,
     IQAWeightsMissing,
     _maniqa_sizes,
