@@ -10,6 +10,7 @@ arguments but declares no metric (with `default_hp_metric: false`) or only a pla
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -18,10 +19,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-# module / datamodule init arguments worth a column when present (missing ones are skipped)
-MODULE_KEYS = ("preset", "lr", "weight_decay", "warmup_steps", "lora_rank", "lora_alpha", "lora",
-               "t_sampler", "p_drop_text", "p_drop_all", "gradient_checkpointing")
-DATA_KEYS = ("image_size", "batch_size", "seed", "batches_per_epoch", "tags")
+# module / datamodule init arguments worth a column when present (missing ones are skipped);
+# a dotted key reads into a nested setting (a dataclass or a mapping)
+MODULE_KEYS = ("preset", "optimizer.lr", "optimizer.warmup_steps", "optimizer.schedule", "lora.r",
+               "lora.alpha", "flow.t_sampler", "flow.p_text", "flow.p_all", "gradient_checkpointing")
+DATA_KEYS = ("image_size", "batch_size", "seed", "batches_per_epoch", "prompt_tags", "m3_ops")
 
 
 class HParamsLogger(pl.Callback):
@@ -80,8 +82,9 @@ class HParamsLogger(pl.Callback):
         for prefix, source, keys in (("model", pl_module.hparams, self.module_keys),
                                      ("data", getattr(dm, "hparams", {}), self.data_keys)):
             for key in keys:
-                if key in source:
-                    params.update(_flatten(f"{prefix}.{key}", source[key]))
+                value = _lookup(source, key)
+                if value is not _MISSING:
+                    params.update(_flatten(f"{prefix}.{key}", value))
         batch = getattr(dm, "batch_size", None) or getattr(dm, "hparams", {}).get("batch_size")
         if isinstance(batch, int):
             params["trainer.global_batch"] = batch * trainer.world_size * trainer.accumulate_grad_batches
@@ -119,7 +122,27 @@ def _write_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: l
     writer.flush()
 
 
+_MISSING = object()
+
+
+def _lookup(source: Any, dotted: str) -> Any:
+    """`source[a][b]` for "a.b", through mappings and dataclasses; _MISSING when absent."""
+    value = source
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = getattr(value, part, _MISSING)
+        elif isinstance(value, Mapping):
+            value = value.get(part, _MISSING)
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():

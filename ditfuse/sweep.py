@@ -250,7 +250,9 @@ def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str,
 def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metrics: list[str] | None) -> None:
     """Point the logger, default_root_dir and checkpoint dirs of one point into `out`."""
     run_dir = (out / "runs" / name).resolve()
-    trainer = cfg.setdefault("trainer", {})
+    if not isinstance(cfg.get("trainer"), DictConfig):
+        cfg.trainer = {}
+    trainer = cfg.trainer
     trainer.default_root_dir = str(run_dir)  # Lightning's SLURM hpc_ckpt_*.ckpt land here
     tb = {"class_path": TB_LOGGER, "init_args": {"save_dir": str(out.resolve()), "name": "tb",
                                                  "version": name, "default_hp_metric": False}}
@@ -260,7 +262,9 @@ def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metri
     loggers = list(logger) if isinstance(logger, ListConfig) else [logger] if isinstance(logger, DictConfig) else []
     kept = [lg for lg in loggers if not str(lg.get("class_path", "")).endswith("TensorBoardLogger")]
     for lg in kept:  # other loggers (CSV, ...) get the point's name too, so runs stay apart
-        init = lg.setdefault("init_args", {})
+        if not isinstance(lg.get("init_args"), DictConfig):
+            lg.init_args = {}
+        init = lg.init_args
         if "save_dir" in init:
             init.save_dir = str(out.resolve() / "logs")
         init.version = name
