@@ -426,8 +426,8 @@ def lora_scale(config: dict[str, Any], module: str | None = None) -> float:
 def _adapter_config(config: dict[str, Any], targets: set[str], **changes: Any) -> dict[str, Any]:
     """Copy of a peft adapter config with new targets, JSON-ready, no base model reference."""
     out = {k: _jsonable(v) for k, v in config.items()}
-    out.update(peft_type="LORA", target_modules=sorted(targets), base_model_name_or_path=None,
-               rank_pattern={}, alpha_pattern={}, **changes)
+    out.update({"peft_type": "LORA", "target_modules": sorted(targets), "base_model_name_or_path": None,
+                "rank_pattern": {}, "alpha_pattern": {}, **changes})
     out.setdefault("lora_alpha", out.get("r"))
     return out
 
