@@ -1,9 +1,11 @@
 """Tokenizers: a built-in, file-free word-level one for `tiny`, and the checkpoint's own.
 
-Why a word-level tokenizer: a byte-level one makes a DiTFuse prompt ~400 tokens, several times
-the 2x64 image tokens of the 32x32 demo. Here each tag, special marker and prompt word is one
-token (a DiTFuse prompt is ~50 tokens); anything else falls back to its UTF-8 bytes, so every
-string round-trips to ids without files.
+Why not bytes: a byte-level tokenizer makes a DiTFuse prompt ~400 tokens, several times the
+2x64 image tokens of the 32x32 demo, and attention cost grows with it. Here each fixed phrase of
+the OmniGen wrapper and the DiTFuse template, each pooled instruction (ditfuse.prompts), each tag
+and special marker is one token, other prompt words are one token each, and anything else falls
+back to its UTF-8 bytes: a wrapped DiTFuse prompt is ~20 tokens and every string still maps to
+ids without files.
 
 Both tokenizers expose the same small interface used by `ditfuse.conditioning`:
 `encode(text) -> list[int]` (with a leading BOS, like the Llama/Phi-3 tokenizer OmniGen uses),
@@ -31,8 +33,29 @@ _EXTRA_WORDS = ("person people car tree sky road building grass water bicycle bu
                 "cloud sea sand rock field fence pole street sidewalk vehicle animal object "
                 "generate image according following instructions").split()
 
+
+
+def _phrases() -> tuple[str, ...]:
+    """Fixed multi-word phrases: OmniGen's wrapper, the DiTFuse template around the image
+    placeholders, and every pooled instruction (seg ones split around their class name)."""
+    out = {"Generate an image according to the following instructions"}
+    out.update(part.strip(" ") for part in re.split(r"\{head\}|<img><\|image_\d\|></img>|\{instruction\}", P.TEMPLATE))
+    for pool in list(P.INSTRUCTIONS.values()) + list(P.CONTROL_INSTRUCTIONS.values()):
+        for text in pool:
+            out.update(part.strip(" ") for part in text.split("{cls}"))
+    return tuple(sorted((p for p in out if len(p.split()) > 1), key=len, reverse=True))
+
+
+PHRASES = _phrases()
+
+
+def _pattern(text: str) -> str:  # a phrase matches with any run of whitespace between its words
+    return r"\s+".join(re.escape(w) for w in text.split())
+
+
 _SPECIAL_RE = "|".join(re.escape(s) for s in sorted(SPECIALS + TAGS, key=len, reverse=True))
-_TOKEN_RE = re.compile(rf"{_SPECIAL_RE}|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]")
+_PHRASE_RE = "|".join(f"(?:{_pattern(p)})" for p in PHRASES)
+_TOKEN_RE = re.compile(rf"{_SPECIAL_RE}|{_PHRASE_RE}|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]")
 
 
 def _prompt_words() -> list[str]:
@@ -45,16 +68,17 @@ def _prompt_words() -> list[str]:
 
 
 class BuiltinTokenizer:
-    """Word-level tokenizer over the DiTFuse prompt vocabulary with UTF-8 byte fallback.
+    """Phrase/word-level tokenizer over the DiTFuse prompt vocabulary with UTF-8 byte fallback.
 
-    Words are lower-cased; whitespace separates tokens and is not encoded (decode joins with
-    spaces). Ids: specials, tags, 256 byte tokens, punctuation/digits, then words.
+    Matching order: specials and tags, fixed phrases, words (lower-cased), digits/punctuation,
+    bytes for the rest. Whitespace separates tokens and is not encoded (decode joins with
+    spaces). Ids: specials, tags, 256 byte tokens, punctuation/digits, phrases, words.
     """
 
     def __init__(self) -> None:
         self._bytes = [f"<0x{b:02X}>" for b in range(256)]
         punct = [c for c in "0123456789.,:;!?'\"()[]{}<>-_/\\|+*=&%$#@^~`"]
-        vocab = list(SPECIALS) + list(TAGS) + self._bytes + punct + _prompt_words()
+        vocab = list(SPECIALS) + list(TAGS) + self._bytes + punct + list(PHRASES) + _prompt_words()
         seen: dict[str, int] = {}
         for tok in vocab:
             seen.setdefault(tok, len(seen))
@@ -74,6 +98,8 @@ class BuiltinTokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [self.bos_token_id] if add_bos else []
         for piece in _TOKEN_RE.findall(text):
+            if " " in piece or "\n" in piece or "\t" in piece:  # a phrase, whatever its inner whitespace
+                piece = " ".join(piece.split())
             key = piece if piece in self.token_to_id and not piece.isalpha() else piece.lower()
             tid = self.token_to_id.get(key)
             if tid is None:  # byte fallback

@@ -72,5 +72,5 @@ def test_wrong_image_count_names_the_problem():
 def test_builtin_prompt_is_short():
     tok = BuiltinTokenizer()
     ids = tok.encode(P.default_prompt("ivif"))
-    assert len(ids) < 100
+    assert len(ids) < 30  # phrases and tags are single tokens
     assert tok.decode(tok.encode("Segment the zebra.")).startswith("segment the zebra")

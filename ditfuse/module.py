@@ -1,0 +1,343 @@
+"""`DiTFuseModule`: the OmniGen DiT (+ LoRA) trained by flow matching, as a LightningModule.
+
+Init arguments are what a YAML config sets (see configs/demo.yaml, configs/omnigen_lora.yaml).
+The batch is the contract of docs/CONTRACTS.md: prompts (strings), two input images and a
+target, all in [-1, 1]; tokenization and OmniGen conditioning happen here (cheap, and the data
+stack stays model-agnostic).
+
+Checkpoints: a LoRA run keeps only the trainable tensors (+ optimizer / scheduler state, which
+Lightning adds); loading rebuilds the base from `preset` / `pretrained` and lays them on top.
+A full fine-tune (lora=None, the tiny demo) keeps the whole transformer. Codecs never enter a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ditfuse import flow as F
+from ditfuse.backbone import Backbone, build_transformer, load_transformer
+from ditfuse.codec import build_codec
+from ditfuse.conditioning import UNCOND_PROMPT, image_only_prompt
+from ditfuse.config import ModelConfig
+from ditfuse.lora import LoraSettings, add_lora, count_parameters, save_adapter
+from ditfuse.sampler import SamplerSettings, sample_latents
+from ditfuse.tokenizer import load_tokenizer
+
+NUM_INPUT_IMAGES = 2  # DiTFuse prompts reference <|image_1|> and <|image_2|>
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup
+    total_steps: int | None = None  # None: the trainer's estimated stepping batches
+    min_lr_ratio: float = 0.0  # floor of cosine/linear decay, as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"optimizer.schedule must be constant|cosine|linear, got {self.schedule!r}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class FlowSettings:
+    t_sampler: Literal["logit_normal", "uniform", "shifted"] = "logit_normal"  # OmniGen / SD3
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    # condition dropout for dual CFG (InstructPix2Pix uses 5% + 5%; OmniGen drops conditions ~10%)
+    p_text: float = 0.05  # drop text, keep images -> trains v_img
+    p_all: float = 0.05  # drop text and images -> trains v_u
+
+    def __post_init__(self) -> None:
+        if self.t_sampler not in F.TIME_SAMPLERS:
+            raise ValueError(f"flow.t_sampler must be one of {', '.join(F.TIME_SAMPLERS)}, got {self.t_sampler!r}")
+        if not (0 <= self.p_text and 0 <= self.p_all and self.p_text + self.p_all <= 1):
+            raise ValueError(f"flow.p_text and flow.p_all must be >= 0 with a sum <= 1, got {self.p_text}, {self.p_all}")
+
+
+class WarmupSchedule:
+    """LR multiplier: linear warmup, then constant / cosine / linear decay to `min_ratio`."""
+
+    def __init__(self, warmup: int, total: int, kind: str, min_ratio: float) -> None:
+        self.warmup, self.total, self.kind, self.min_ratio = warmup, max(total, 1), kind, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if self.kind == "cosine" else 1.0 - frac
+        return self.min_ratio + (1 - self.min_ratio) * decay
+
+
+def psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample PSNR (dB) of images in [-1, 1], measured on [0, 1]."""
+    a = ((pred.float().clamp(-1, 1) + 1) / 2).flatten(1)
+    b = ((target.float().clamp(-1, 1) + 1) / 2).flatten(1)
+    mse = (a - b).pow(2).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+class DiTFuseModule(pl.LightningModule):
+    """OmniGen DiT + optional LoRA, flow matching, dual-CFG sampling.
+
+    Args:
+        preset: model preset (`tiny`, `omnigen-v1`): shape for random init, codec, tokenizer kind.
+        pretrained: local OmniGen folder (diffusers layout or original OmniGen-v1 layout); None:
+            random init of the preset.
+        vae_path: SDXL VAE folder for the VAE codec (default: `pretrained`/vae).
+        tokenizer: 'builtin' or a local tokenizer folder (default: builtin for tiny, else `pretrained`).
+        model_overrides: preset fields to change for random init (e.g. {num_layers: 2}).
+        lora: LoRA settings; None trains all weights (the tiny demo).
+        optimizer, flow, val_sampler: see the dataclasses above and ditfuse.sampler.SamplerSettings.
+        gradient_checkpointing: recompute each block in backward (memory for time).
+        base_dtype: 'bf16' | 'fp16' | None: store the frozen base weights in this dtype (LoRA only).
+        seed: random init seed.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        pretrained: str | None = None,
+        vae_path: str | None = None,
+        tokenizer: str | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        lora: LoraSettings | None = None,
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        flow: FlowSettings = FlowSettings(),
+        val_sampler: SamplerSettings = SamplerSettings(steps=20, guidance_scale=1.0, img_guidance_scale=1.0),
+        gradient_checkpointing: bool = False,
+        base_dtype: Literal["bf16", "fp16"] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.preset = ModelConfig.from_name(preset, **(model_overrides or {}))
+        self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.optim = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else optimizer
+        self.flow_settings = FlowSettings(**flow) if isinstance(flow, dict) else flow
+        self.val_sampler = SamplerSettings(**val_sampler) if isinstance(val_sampler, dict) else val_sampler
+
+        # 1. Transformer (+ LoRA)
+        if pretrained is not None:
+            transformer = load_transformer(pretrained)
+        else:
+            transformer = build_transformer(self.preset, seed=seed)
+        if self.lora_settings is not None:
+            if base_dtype is not None:
+                transformer = transformer.to({"bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype])
+            add_lora(transformer, self.lora_settings)
+        elif base_dtype is not None:
+            raise ValueError("model.base_dtype only applies to LoRA runs (set model.lora or drop base_dtype)")
+        self.backbone = Backbone(transformer, gradient_checkpointing=gradient_checkpointing)
+        self.patch_size = int(transformer.config.patch_size)
+
+        # 2. Codec and tokenizer (never trained, never checkpointed)
+        vae = vae_path or pretrained
+        self.codec = build_codec(self.preset.codec, vae)
+        self.codec.requires_grad_(False)
+        tok = tokenizer or ("builtin" if self.preset.tokenizer == "builtin" else pretrained)
+        if tok is None:
+            raise ValueError(f"preset {preset!r} needs the checkpoint's tokenizer: set model.pretrained or model.tokenizer")
+        self.tokenizer = load_tokenizer(tok)
+        if self.tokenizer.vocab_size > transformer.config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids but the transformer's vocab_size is "
+                             f"{transformer.config.vocab_size}: model.tokenizer does not match the model")
+        # partial (trainable-only) checkpoints load with strict=False; on_load_checkpoint checks them
+        self.strict_loading = False
+
+    # -----------------------------------------------------------------------------------------
+    # Shapes and encoding
+    # -----------------------------------------------------------------------------------------
+    @property
+    def pixels_per_token(self) -> int:
+        return self.codec.downsample * self.patch_size
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, K, 3, H, W) in [-1, 1] -> (B, K, c, h, w) latents."""
+        B, K, _, H, W = images.shape
+        self.codec.check_size(H, W, self.pixels_per_token)
+        with torch.no_grad():
+            lat = self.codec.encode(images.flatten(0, 1).to(self.device))
+        return lat.unflatten(0, (B, K)).float()
+
+    # -----------------------------------------------------------------------------------------
+    # Training
+    # -----------------------------------------------------------------------------------------
+    def _dropout_prompts(self, prompts: list[str]) -> tuple[list[str], list[int]]:
+        fs = self.flow_settings
+        drop_text, drop_all = F.condition_dropout(len(prompts), fs.p_text, fs.p_all)
+        out, counts = [], []
+        for p, dt, da in zip(prompts, drop_text.tolist(), drop_all.tolist()):
+            if da:
+                out.append(UNCOND_PROMPT)
+                counts.append(0)
+            else:
+                out.append(image_only_prompt(NUM_INPUT_IMAGES) if dt else p)
+                counts.append(NUM_INPUT_IMAGES)
+        return out, counts
+
+    def flow_loss(self, batch: dict[str, Any], dropout: bool = True,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample flow-matching loss (B,) for a batch."""
+        from ditfuse.conditioning import build_conditioning
+
+        images, target = batch["images"], batch["target"]
+        B = target.shape[0]
+        # 1. Encode inputs and target
+        cond_lat = self.encode_images(images)  # (B, 2, c, h, w)
+        x1 = self.encode_images(target[:, None])[:, 0]  # (B, c, h, w)
+        # 2. Conditioning (with dual-CFG dropout in training)
+        prompts, counts = (self._dropout_prompts(list(batch["prompt"])) if dropout
+                           else (list(batch["prompt"]), [NUM_INPUT_IMAGES] * B))
+        p = self.patch_size
+        n = (cond_lat.shape[-2] // p) * (cond_lat.shape[-1] // p)
+        N = (x1.shape[-2] // p) * (x1.shape[-1] // p)
+        cond = build_conditioning(self.tokenizer, prompts, counts, tokens_per_image=n, num_output_tokens=N,
+                                  device=self.device)
+        # 3. Flow matching: x_t = t x1 + (1 - t) x0, target x1 - x0
+        fs = self.flow_settings
+        t = F.sample_t(B, fs.t_sampler, mean=fs.t_mean, std=fs.t_std, shift=fs.t_shift, generator=generator).to(self.device)
+        x0 = torch.randn(x1.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x1)
+        v = self.backbone(F.interpolate(x0, x1, t), t, cond, cond_lat)
+        return F.per_sample_mse(v, F.velocity_target(x0, x1))
+
+    def _log_per_task(self, prefix: str, values: Tensor, tasks: list[str], **kw) -> None:
+        for task in sorted(set(tasks)):
+            idx = [i for i, tk in enumerate(tasks) if tk == task]
+            self.log(f"{prefix}/{task}", values[idx].mean(), batch_size=len(idx), **kw)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.flow_loss(batch)  # (B,)
+        B = loss.shape[0]
+        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=B)
+        self._log_per_task("train/loss", loss.detach(), list(batch["task"]))
+        return loss.mean()
+
+    # -----------------------------------------------------------------------------------------
+    # Sampling and validation
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Any] | None = None, *, prompts: list[str] | None = None,
+               images: Tensor | None = None, steps: int | None = None, guidance_scale: float | None = None,
+               img_guidance_scale: float | None = None, seed: int | None = None, kv_cache: bool | None = None,
+               batch_branches: bool | None = None, size: tuple[int, int] | None = None) -> Tensor:
+        """Sample fused images (B, 3, H, W) in [-1, 1].
+
+        Give a batch (its `prompt` and `images`) or `prompts` + `images` (B, K, 3, H, W) in
+        [-1, 1]. Unset sampler options fall back to `val_sampler`. The output has the inputs'
+        size unless `size=(H, W)` is given (a multiple of `pixels_per_token`).
+        """
+        if batch is not None:
+            prompts = list(batch["prompt"]) if prompts is None else prompts
+            images = batch["images"] if images is None else images
+        if prompts is None or images is None:
+            raise ValueError("sample() needs a batch or both prompts and images")
+        if images.dim() == 4:  # (B, 3, H, W): one input image
+            images = images[:, None]
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} image rows")
+        base = self.val_sampler
+        settings = SamplerSettings(
+            steps=base.steps if steps is None else steps,
+            guidance_scale=base.guidance_scale if guidance_scale is None else guidance_scale,
+            img_guidance_scale=base.img_guidance_scale if img_guidance_scale is None else img_guidance_scale,
+            kv_cache=base.kv_cache if kv_cache is None else kv_cache,
+            batch_branches=base.batch_branches if batch_branches is None else batch_branches,
+            seed=base.seed if seed is None else seed)
+        H, W = size or images.shape[-2:]
+        self.codec.check_size(H, W, self.pixels_per_token)
+        cond_lat = self.encode_images(images)
+        d = self.codec.downsample
+        out_shape = (cond_lat.shape[2], H // d, W // d)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            lat = sample_latents(self.backbone, self.tokenizer, prompts, cond_lat, out_shape, settings)
+        finally:
+            self.backbone.train(was_training)
+        return self.codec.decode(lat).float().clamp(-1, 1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        tasks = list(batch["task"])
+        B = len(tasks)
+        g = torch.Generator().manual_seed(1234 + batch_idx)  # same noise every validation
+        loss = self.flow_loss(batch, dropout=False, generator=g)
+        self.log("val/loss", loss.mean(), batch_size=B, sync_dist=True)
+        out = self.sample(batch)
+        target = batch["target"].to(out.device)
+        self._log_per_task("val", psnr(out, target), [f"{t}/psnr" for t in tasks], sync_dist=True)
+        self.log("val/psnr", psnr(out, target).mean(), batch_size=B, sync_dist=True)
+        m3 = [i for i, t in enumerate(tasks) if t == "m3"]
+        if m3:
+            mean_in = batch["images"][m3].to(out.device).mean(dim=1)  # mean fusion of the two inputs
+            self.log("val/m3/psnr_mean", psnr(mean_in, target[m3]).mean(), batch_size=len(m3), sync_dist=True)
+        return {"output": out}
+
+    def _log_per_task_names(self) -> None:  # pragma: no cover - doc helper
+        pass
+
+    # -----------------------------------------------------------------------------------------
+    # Optimizer
+    # -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        total = o.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupSchedule(o.warmup_steps, total, o.schedule, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -----------------------------------------------------------------------------------------
+    # Checkpoints: trainable-only for LoRA runs, never the codec
+    # -----------------------------------------------------------------------------------------
+    def _checkpoint_keys(self) -> set[str]:
+        if self.lora_settings is not None:
+            return {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k.startswith("backbone.")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["ditfuse"] = {"trainable_only": self.lora_settings is not None,
+                                 "lora": None if self.lora_settings is None else asdict(self.lora_settings)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors this model trains (e.g. {missing[:3]}); "
+                           "was it written with the same model.preset / model.lora settings?")
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """The LoRA adapter alone (peft folder) for `ditfuse fuse --lora`."""
+        if self.lora_settings is None:
+            raise ValueError("this model has no LoRA adapter (model.lora is None)")
+        return save_adapter(self.backbone.transformer, folder, self.lora_settings)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return count_parameters(self.backbone)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
+                        ) -> "DiTFuseModule":
+        """Rebuild the model from its saved hyper-parameters (+ `overrides`, e.g. pretrained=...) and
+        load the checkpoint's tensors on top (trainable-only for LoRA runs)."""
+        return cls.load_from_checkpoint(str(path), map_location=map_location, strict=False, **overrides)
