@@ -17,10 +17,8 @@ from torch import Tensor
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS, build_prompt, instruction_for
 from datamodules.io import decode_image, to_tensor
 from datamodules.m3 import M3Config, m3_views, seed_for
-from datamodules.schema import SchemaError, check_sample, image_field
+from datamodules.schema import NOT_A_CLASS, SchemaError, check_sample, image_field
 from datamodules.targets import IVIF_FALLBACKS, SEG_ALPHA, SEG_COLOR, ControlConfig, control_op, ivif_fallback, seg_overlay
-
-_NOT_A_CLASS = {"background", "unlabeled", "unlabelled", "void", "ignore"}
 
 
 @dataclass
@@ -197,7 +195,7 @@ def _seg(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, rng_d: 
     a, b = _image(sample, "img1", meta), _image(sample, "img2", meta)
     a, b, labels = _geometry([a, b, _label_map(sample)], cfg.image_size, d)
     classes = {int(k): str(v) for k, v in meta["classes"].items()}
-    named = [k for k, v in classes.items() if v.lower() not in _NOT_A_CLASS] or list(classes)
+    named = [k for k, v in classes.items() if v.lower() not in NOT_A_CLASS] or list(classes)
     present = [k for k in named if bool((labels == k).any())]
     label = rng_d.rng.choice(sorted(present or named))  # prefer a class visible in the crop
     mask = labels == label

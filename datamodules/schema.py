@@ -20,6 +20,8 @@ from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 KINDS: tuple[str, ...] = ("fusion", "m3", "seg", "control")
 IMAGE_FIELD_EXTS = ("png", "jpg", "jpeg")
+# seg class names that are never asked for ("Segment the background" is not a task)
+NOT_A_CLASS = frozenset({"background", "unlabeled", "unlabelled", "void", "ignore"})
 
 Sample = dict[str, bytes]  # field ("img1.png", "json", ...) -> bytes; plus "__key__"/"__shard__" as str
 

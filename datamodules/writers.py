@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 from datamodules.io import IMAGE_EXTS, ImageReadError, encode_png, read_image, value_range
-from datamodules.schema import shard_name
+from datamodules.schema import NOT_A_CLASS, shard_name
 
 
 class TarShardWriter:
@@ -229,7 +229,7 @@ def write_seg(image1_dir: str | Path, image2_dir: str | Path, mask_dir: str | Pa
             report.skip("unreadable image", str(paths["mask"]))
             continue
         named = {str(int(v)): cmap[str(int(v))] for v in labels if str(int(v)) in cmap}
-        if not named:
+        if not any(v.lower() not in NOT_A_CLASS for v in named.values()):
             report.skip("no known class in mask", name)
             continue
         present[name] = named
