@@ -106,6 +106,14 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
+def _original_weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, its shards (model-0000k-of-0000n.safetensors), or model.pt."""
+    single = _first_existing(folder, ORIGINAL_WEIGHTS[:1])
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    pt = _first_existing(folder, ORIGINAL_WEIGHTS[1:])
+    return [single] if single else shards or ([pt] if pt else [])
+
+
 # --------------------------------------------------------------------------- model layouts
 def detect_layout(path: str | Path) -> Layout:
     """"diffusers" (transformer/config.json, or a transformer folder itself) or "original"."""
@@ -113,14 +121,15 @@ def detect_layout(path: str | Path) -> Layout:
     hint = ("pass a local folder in diffusers layout (transformer/config.json + weights) or in the "
             "original OmniGen-v1 layout (config.json + model.safetensors)")
     if not p.is_dir():
-        raise FileNotFoundError(f"model folder {p} does not exist; {hint}")
+        state = "is not a folder" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"model folder {p} {state}; {hint}")
     if (p / "transformer" / "config.json").is_file():
         return "diffusers"
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p / 'config.json'} not found (nor {p / 'transformer' / 'config.json'}); {hint}")
     if _read_json(p / "config.json").get("_class_name") == "OmniGenTransformer2DModel":
         return "diffusers"
-    if _first_existing(p, ORIGINAL_WEIGHTS) is None:
+    if not _original_weight_files(p):
         raise FileNotFoundError(f"{p / ORIGINAL_WEIGHTS[0]} not found next to the original-layout "
                                 f"config.json; {hint}")
     return "original"
@@ -280,10 +289,11 @@ def _read_original(path: Path) -> tuple[dict[str, Any], StateDict, Path]:
     if detect_layout(path) != "original":
         raise ValueError(f"{path} is already in diffusers layout; pass it to load_transformer")
     config = transformer_config_from_original(_read_json(path / "config.json"))
-    weights = _first_existing(path, ORIGINAL_WEIGHTS)
-    assert weights is not None  # detect_layout checked it
-    sd = convert_original_state_dict(_load_tensors(weights), config)
-    return config, sd, weights
+    files = _original_weight_files(path)
+    raw: StateDict = {}
+    for f in files:
+        raw.update(_load_tensors(f))
+    return config, convert_original_state_dict(raw, config), files[0]
 
 
 def load_original_transformer(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
@@ -424,8 +434,12 @@ def lora_scale(config: dict[str, Any], module: str | None = None) -> float:
 
 
 def _adapter_config(config: dict[str, Any], targets: set[str], **changes: Any) -> dict[str, Any]:
-    """Copy of a peft adapter config with new targets, JSON-ready, no base model reference."""
-    out = {k: _jsonable(v) for k, v in config.items()}
+    """Copy of a peft adapter config with new targets, JSON-ready, no base model reference; keys
+    peft's LoraConfig does not know (e.g. this framework's "ditfuse" block) are dropped."""
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    out = {k: _jsonable(v) for k, v in config.items() if k in fields}
     out.update({"peft_type": "LORA", "target_modules": sorted(targets), "base_model_name_or_path": None,
                 "rank_pattern": {}, "alpha_pattern": {}, **changes})
     out.setdefault("lora_alpha", out.get("r"))
@@ -463,7 +477,26 @@ def convert_official_lora(state_dict: StateDict, config: dict[str, Any],
         else:
             raise ValueError(f"official adapter module {module!r} has no counterpart in "
                              "OmniGenTransformer2DModel (expected llm.layers.N.self_attn.qkv_proj/o_proj)")
-    return _ungroup(out), _adapter_config(config, {_leaf(m) for m in out})
+    out, rank = _compact(out)
+    r = config["r"]
+    alpha = config["lora_alpha"] * (math.sqrt(rank / r) if config.get("use_rslora") else rank / r)
+    return _ungroup(out), _adapter_config(config, {_leaf(m) for m in out}, r=rank, lora_alpha=_tidy(alpha))
+
+
+def _tidy(alpha: float) -> float | int:
+    return round(alpha) if abs(alpha - round(alpha)) < 1e-9 else alpha
+
+
+def _compact(modules: dict[str, dict[str, Tensor]]) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """Drop rank columns whose B column is zero (exact: they add nothing) when every module keeps
+    the same rank; this undoes export_official_lora's block-diagonal and zero padding."""
+    rank = next(iter(modules.values()))["A"].shape[0]
+    keep = {m: (ab["B"] != 0).any(dim=0).nonzero().flatten() for m, ab in modules.items()}
+    ranks = {len(k) for k in keep.values() if len(k)}
+    if len(ranks) != 1 or ranks == {rank}:
+        return modules, rank
+    return {m: {"A": ab["A"][keep[m]].clone(), "B": ab["B"][:, keep[m]].clone()}
+            for m, ab in modules.items() if len(keep[m])}, ranks.pop()
 
 
 def _split_qkv_lora(prefix: str, ab: dict[str, Tensor], model_config: dict[str, Any] | None
@@ -544,9 +577,8 @@ def _pad_to_common_rank(fused: dict[str, tuple[Tensor, Tensor]], config: dict[st
     # keep the scale: alpha'/R == alpha/r (rslora: alpha'/sqrt(R) == alpha/sqrt(r))
     ratio = rank / config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(ratio) if config.get("use_rslora") else ratio)
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
     targets = {m.rsplit(".", 1)[-1] for m in fused}
-    return out, _adapter_config(config, targets, r=rank, lora_alpha=alpha)
+    return out, _adapter_config(config, targets, r=rank, lora_alpha=_tidy(alpha))
 
 
 def _normalize_ours(state_dict: StateDict) -> StateDict:
@@ -569,11 +601,14 @@ def load_adapter_state(folder: str | Path, model_config: dict[str, Any] | None =
 
 
 def save_adapter(folder: str | Path, state_dict: StateDict, config: dict[str, Any]) -> None:
-    """peft adapter folder: adapter_config.json + adapter_model.safetensors."""
+    """peft adapter folder: adapter_config.json + adapter_model.safetensors, keys prefixed
+    `base_model.model.` as PeftModel.save_pretrained (and ditfuse.lora.save_adapter) write them."""
     p = Path(folder)
     p.mkdir(parents=True, exist_ok=True)
     (p / ADAPTER_CONFIG).write_text(json.dumps({k: _jsonable(v) for k, v in config.items()}, indent=2))
-    _save_tensors(state_dict, p / ADAPTER_WEIGHTS[0])
+    prefix = "base_model.model."
+    _save_tensors({k if k.startswith(prefix) else prefix + k: v for k, v in state_dict.items()},
+                  p / ADAPTER_WEIGHTS[0])
 
 
 def lora_config_from_dict(config: dict[str, Any]):

@@ -188,22 +188,28 @@ def test_export_official_block_diagonal_is_exact(original, tmp_path, use_rslora)
     inputs = omnigen_inputs(**LONG)
     ref = original_forward(hand_merge_official(sd, official, scale), TINY_PHI3, **inputs)
     _close(diffusers_forward(C.merge_lora(C.load_transformer(folder), ours, config), inputs), ref)
-    # and back: every module's scale * B @ A is unchanged
+    # and back: the zero blocks drop out again, so the round trip restores every tensor and r/alpha
     back, back_config = C.convert_official_lora(official, off_config)
-    before, after = _deltas(ours, config), _deltas(back, back_config)
-    assert set(before) == set(after)
-    for m in before:
-        _close(after[m], before[m])
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    assert back_config["r"] == R and back_config["lora_alpha"] == pytest.approx(ALPHA, rel=1e-12)
+    for m, delta in _deltas(ours, config).items():
+        _close(_deltas(back, back_config)[m], delta)
 
 
 def test_export_official_missing_projection_gets_zero_rows():
     ours = ours_adapter(R, modules=("to_q", "to_v", "to_out.0"))
     official, off_config = C.export_official_lora(ours, OURS_CONFIG)
+    qkv_b = official["base_model.model.llm.layers.0.self_attn.qkv_proj.lora_B.weight"]
+    assert off_config["r"] == 2 * R and torch.count_nonzero(qkv_b[HIDDEN:2 * HIDDEN]) == 0
     back, back_config = C.convert_official_lora(official, off_config)
-    after = _deltas(back, back_config)
-    assert torch.count_nonzero(after["layers.0.self_attn.to_k"]) == 0
-    for m, delta in _deltas(ours, OURS_CONFIG).items():
-        _close(after[m], delta)
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    assert (back_config["r"], back_config["lora_alpha"]) == (R, ALPHA)
+
+
+def test_untrained_official_adapter_keeps_its_rank():
+    adapter = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in official_adapter(R).items()}
+    ours, config = C.convert_official_lora(adapter, OFFICIAL_CONFIG)
+    assert (config["r"], config["lora_alpha"]) == (R, ALPHA) and len(ours) == 4 * 2 * LAYERS
 
 
 # ----------------------------------------------------------------------------- merge
@@ -308,3 +314,36 @@ def test_cli_lora_merge_and_export(original, tmp_path, capsys):
     assert all(torch.equal(back[k], adapter[k]) for k in adapter) and back_config["lora_alpha"] == ALPHA
     code, _, err = _run(["export-official", "--lora", official_dir, "--out", tmp_path / "x"], capsys)
     assert code == 2 and "already an official" in err
+
+
+def test_interop_with_ditfuse_lora_adapter_folders(original, tmp_path):
+    from ditfuse import lora
+
+    folder, _ = original
+    settings = lora.LoraSettings(r=R, alpha=float(ALPHA))
+    model = lora.add_lora(C.load_transformer(folder), settings)
+    lora.load_lora_state_dict(model, ours_adapter(R))
+    lora.save_adapter(model, tmp_path / "trained", settings)  # the training side's writer
+    sd, config = C.load_adapter_state(tmp_path / "trained")
+    assert set(sd) == set(ours_adapter(R)) and (config["r"], config["lora_alpha"]) == (R, ALPHA)
+    official, off_config = C.export_official_lora(sd, config)
+    assert "ditfuse" not in off_config
+    C.lora_config_from_dict(off_config)  # peft accepts the exported config
+    C.save_adapter(tmp_path / "ours", sd, config)  # and the training side reads ours back
+    fresh = C.load_transformer(folder)
+    assert lora.load_adapter(fresh, tmp_path / "ours").scale == pytest.approx(ALPHA / R)
+    inputs = omnigen_inputs(**LONG)
+    _close(diffusers_forward(fresh, inputs), diffusers_forward(model, inputs))
+
+
+def test_sharded_original_checkpoint(original, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, sd = original
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[::2]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in keys[1::2]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_PHI3))
+    inputs = omnigen_inputs(**SHORT)
+    _close(diffusers_forward(C.load_transformer(tmp_path), inputs),
+           diffusers_forward(C.load_transformer(folder), inputs))
