@@ -37,7 +37,6 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -316,7 +315,7 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     from safetensors import safe_open
 
     with safe_open(str(files[0]), framework="pt") as f:
-        names = [f.get_slice(k).get_dtype() for k in f.keys()]
+        names = [f.get_slice(k).get_dtype() for k in f.keys()]  # noqa: SIM118 - safe_open is no dict
     floats = [_SAFETENSORS_DTYPES[n] for n in names if n in _SAFETENSORS_DTYPES]
     return max(set(floats), key=floats.count) if floats else None
 
@@ -359,7 +358,7 @@ def _split_key(key: str) -> tuple[str, str]:
                          "(no bias, DoRA or modules_to_save) can be converted")
     module = m["module"]
     for prefix in _PREFIXES:
-        module = module[len(prefix):] if module.startswith(prefix) else module
+        module = module.removeprefix(prefix)
     return module, m["ab"]
 
 

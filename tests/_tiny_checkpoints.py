@@ -180,8 +180,8 @@ def omnigen_inputs(batch: int, text: int, in_hw: int | None, out_hw: int, seed: 
     position_ids = torch.arange(length).expand(batch, -1).clone()
     x = torch.randn(batch, 4, out_hw, out_hw, generator=g)
     t = torch.rand(batch, generator=g)
-    return dict(x=x, t=t, input_ids=input_ids, input_latents=latents, image_spans=spans,
-                mask=mask, position_ids=position_ids)
+    return {"x": x, "t": t, "input_ids": input_ids, "input_latents": latents, "image_spans": spans,
+            "mask": mask, "position_ids": position_ids}
 
 
 def diffusers_forward(model, inputs: dict) -> Tensor:
@@ -223,11 +223,11 @@ def ours_adapter(r: int = 3, seed: int = 11, std: float = 0.1, modules=("to_q", 
 def hand_merge_official(sd: dict[str, Tensor], adapter: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
     """Original state dict with W <- W + scale * B @ A on the fused modules, by hand."""
     merged = dict(sd)
-    for key in adapter:
+    for key, a in adapter.items():
         if ".lora_A." in key:
             module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            merged[f"{module}.weight"] = sd[f"{module}.weight"] + scale * b @ adapter[key]
+            merged[f"{module}.weight"] = sd[f"{module}.weight"] + scale * b @ a
     return merged
 
 

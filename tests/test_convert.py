@@ -13,11 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from _tiny_checkpoints import (  # noqa: E402
-    HIDDEN, LAYERS, TINY_PHI3, diffusers_forward, hand_merge_official, official_adapter, omnigen_inputs,
-    original_forward, ours_adapter, write_adapter, write_original_checkpoint,
+from _tiny_checkpoints import (
+    HIDDEN,
+    LAYERS,
+    TINY_PHI3,
+    diffusers_forward,
+    hand_merge_official,
+    official_adapter,
+    omnigen_inputs,
+    original_forward,
+    ours_adapter,
+    write_adapter,
+    write_original_checkpoint,
 )
+
 from ditfuse import convert as C
 
 ATOL = 1e-5
@@ -27,8 +36,8 @@ OFFICIAL_CONFIG = {"peft_type": "LORA", "r": R, "lora_alpha": ALPHA, "lora_dropo
                    "bias": "none", "task_type": None, "base_model_name_or_path": "Shitao/OmniGen-v1"}
 OURS_CONFIG = {"peft_type": "LORA", "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0,
                "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "bias": "none"}
-LONG = dict(batch=2, text=5, in_hw=8, out_hw=8)  # 41 positions > original_max 32: long_factor
-SHORT = dict(batch=2, text=4, in_hw=None, out_hw=4)  # 12 positions: short_factor
+LONG = {"batch": 2, "text": 5, "in_hw": 8, "out_hw": 8}  # 41 positions > original_max 32: long_factor
+SHORT = {"batch": 2, "text": 4, "in_hw": None, "out_hw": 4}  # 12 positions: short_factor
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +68,7 @@ def test_original_layout_equals_phi3_reference(original, case):
 
 
 def test_detect_layout_and_load_either(original, tmp_path):
-    folder, sd = original
+    folder, _ = original
     assert C.detect_layout(folder) == "original"
     model = C.load_transformer(folder, dtype=torch.float32)
     model.save_pretrained(str(tmp_path / "diff" / "transformer"))
@@ -326,7 +335,7 @@ def test_interop_with_ditfuse_lora_adapter_folders(original, tmp_path):
     lora.save_adapter(model, tmp_path / "trained", settings)  # the training side's writer
     sd, config = C.load_adapter_state(tmp_path / "trained")
     assert set(sd) == set(ours_adapter(R)) and (config["r"], config["lora_alpha"]) == (R, ALPHA)
-    official, off_config = C.export_official_lora(sd, config)
+    _, off_config = C.export_official_lora(sd, config)
     assert "ditfuse" not in off_config
     C.lora_config_from_dict(off_config)  # peft accepts the exported config
     C.save_adapter(tmp_path / "ours", sd, config)  # and the training side reads ours back
