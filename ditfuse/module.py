@@ -14,7 +14,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,6 +130,10 @@ class DiTFuseModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # settings as plain dicts: checkpoints then load with torch.load(weights_only=True)
+        for key in ("lora", "optimizer", "flow", "val_sampler"):
+            if is_dataclass(self.hparams[key]):
+                self.hparams[key] = asdict(self.hparams[key])
         self.preset = ModelConfig.from_name(preset, **(model_overrides or {}))
         self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.optim = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else optimizer
@@ -291,6 +295,25 @@ class DiTFuseModule(pl.LightningModule):
             mean_in = batch["images"][m3].to(out.device).mean(dim=1)  # mean fusion of the two inputs
             self.log("val/m3/psnr_mean", psnr(mean_in, target[m3]).mean(), batch_size=len(m3), sync_dist=True)
         return {"output": out}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> Tensor:
+        """Fused images (B, 3, H, W) in [-1, 1] for a batch of `prompt` + `images` (datamodules/pairs.py).
+
+        Sampled with `val_sampler`; each row's initial noise comes from its own `batch["seed"]`
+        (default: val_sampler.seed), so an output does not depend on the rest of its batch
+        (`ditfuse fuse` and `ditfuse predict` give the same image for a pair).
+        """
+        from ditfuse.sampler import GuidedVelocity, euler, initial_noise
+
+        s, prompts = self.val_sampler, list(batch["prompt"])
+        seeds = batch.get("seed") or [s.seed] * len(prompts)
+        cond_lat = self.encode_images(batch["images"])  # (B, 2, c, h, w)
+        shape = tuple(cond_lat.shape[2:])
+        x0 = torch.cat([initial_noise((1, *shape), int(k), self.device) for k in seeds])
+        velocity = GuidedVelocity(self.backbone, self.tokenizer, prompts, cond_lat, shape[1:], s.guidance_scale,
+                                  s.img_guidance_scale, kv_cache=s.kv_cache, batch_branches=s.batch_branches)
+        return self.codec.decode(euler(velocity, x0, s.steps)).float().clamp(-1, 1)
 
     def _log_per_task_names(self) -> None:  # pragma: no cover - doc helper
         pass
