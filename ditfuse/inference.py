@@ -1,0 +1,499 @@
+"""`ditfuse fuse`: fuse one pair, a folder of pairs, or one pair under every prompt of a file.
+
+`FusionPipeline` loads a model once (OmniGen weights in either layout, a LoRA adapter of either
+format, or a Lightning checkpoint with its EMA weights) and fuses prepared pairs in batches;
+`main(argv)` is the command line around it. Pre/post-processing (read, resize image 2, scale to
+`--max-side`, pad to the token grid, crop and resize back to image 1's size) lives in
+datamodules/pairs.py, shared with `ditfuse predict`.
+
+Each pair's initial noise comes from `--seed` alone, not from its position in a batch, so an
+output does not depend on `--batch-size` or on the other pairs of the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from ditfuse.sampler import SamplerSettings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PRESETS = ("tiny", "omnigen-v1")
+
+
+class FuseError(Exception):
+    """A problem the user fixes by changing an option or a file; printed as one line."""
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading
+# ---------------------------------------------------------------------------------------------
+def _default_vae(model: str | None, preset: str) -> str | None:
+    """The VAE folder of an OmniGen model folder; an original-layout folder may lack one."""
+    if model is None or preset == "tiny":
+        return None
+    if (Path(model) / "vae" / "config.json").is_file():
+        return str(Path(model) / "vae")
+    raise FuseError(f"{model} has no vae/ folder (the original OmniGen-v1 release downloads the SDXL VAE "
+                    "at run time); pass --vae DIR with a local SDXL VAE (diffusers AutoencoderKL layout)")
+
+
+def apply_lora(module, folder: str | Path) -> str:
+    """Merge a LoRA adapter of either format into the module's transformer; returns the format."""
+    from ditfuse.convert import detect_adapter_format, load_adapter_state, merge_lora
+
+    transformer = module.backbone.transformer
+    fmt = detect_adapter_format(folder)
+    state, config = load_adapter_state(folder, dict(transformer.config))  # official -> ours, exact
+    merge_lora(transformer, state, config)
+    return fmt
+
+
+def apply_ema(module, checkpoint: dict) -> int:
+    """Copy the checkpoint's EMA weights (callbacks/ema.py) over the trained ones; returns the count."""
+    ema = checkpoint.get("ema_state_dict") or {}
+    params = dict(module.named_parameters())
+    unknown = [k for k in ema if k not in params]
+    if unknown:
+        raise FuseError(f"the checkpoint's EMA weights name {len(unknown)} tensors this model lacks "
+                        f"(e.g. {unknown[0]}); pass --no-ema to use the raw weights")
+    with torch.no_grad():
+        for k, v in ema.items():
+            params[k].copy_(v.to(params[k].dtype))
+    return len(ema)
+
+
+def _module_from_checkpoint(path: str, model: str | None, preset: str | None, vae: str | None,
+                            tokenizer: str | None, use_ema: bool, warn: Callable[[str], None]):
+    from ditfuse.lora import has_lora, merge_and_unload
+    from ditfuse.module import DiTFuseModule
+
+    if not Path(path).is_file():
+        raise FuseError(f"checkpoint {path} does not exist")
+    given = {"pretrained": model, "preset": preset, "vae_path": vae, "tokenizer": tokenizer}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        with warnings.catch_warnings():  # a LoRA checkpoint holds the adapter only: base keys are "missing"
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+            module = DiTFuseModule.from_checkpoint(path, map_location="cpu", **overrides)
+    except FileNotFoundError as e:
+        raise FuseError(f"{e} (the checkpoint's base model path is not here: pass --model DIR)") from None
+    if use_ema:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        n = apply_ema(module, ckpt)
+        if n:
+            print(f"using the EMA weights of {path} ({n} tensors; --no-ema for the raw ones)")
+    if has_lora(module.backbone.transformer):
+        merge_and_unload(module.backbone.transformer)  # W + scale * B @ A: same output, faster
+    return module
+
+
+def load_module(model: str | None = None, preset: str | None = None, lora: str | None = None,
+                checkpoint: str | None = None, vae: str | None = None, tokenizer: str | None = None,
+                use_ema: bool = True, warn: Callable[[str], None] = _stderr_warning):
+    """A `DiTFuseModule` in eval mode from the `ditfuse fuse` model options."""
+    from ditfuse.module import DiTFuseModule
+
+    if lora and checkpoint:
+        raise FuseError("give --lora or --checkpoint, not both (a LoRA checkpoint already holds its adapter)")
+    if checkpoint:
+        module = _module_from_checkpoint(checkpoint, model, preset, vae, tokenizer, use_ema, warn)
+    else:
+        preset = preset or ("omnigen-v1" if model else None)
+        if preset is None:
+            raise FuseError("no model: pass --model DIR (OmniGen weights), --checkpoint CKPT, or --preset tiny "
+                            "for a random-init demo model")
+        if model is None and preset != "tiny":
+            raise FuseError(f"--preset {preset} needs --model DIR with its weights (only tiny runs random-init)")
+        if model is None:
+            warn("--preset tiny without --model/--checkpoint: the weights are RANDOM, outputs are not "
+                 "meaningful fusions (use this for tests and demos)")
+        if model is not None and not Path(model).is_dir():
+            raise FuseError(f"model folder {model} does not exist")
+        module = DiTFuseModule(preset=preset, pretrained=model, vae_path=vae or _default_vae(model, preset),
+                               tokenizer=tokenizer)
+        if lora:
+            fmt = apply_lora(module, lora)
+            print(f"merged LoRA adapter {lora} ({'official DiTFuse format, converted' if fmt == 'official' else fmt})")
+    return module.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FuseError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise FuseError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class FusionPipeline:
+    """A loaded model plus the pre/post-processing of datamodules/pairs.py.
+
+    >>> pipe = FusionPipeline.load(model="OmniGen-v1", lora="ditfuse-lora")
+    >>> fused = pipe.fuse(read_image("vis.png"), read_image("ir.png"), make_prompt("ivif"))
+    """
+
+    module: object
+    max_side: int
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    warn: Callable[[str], None] = _stderr_warning
+
+    @classmethod
+    def load(cls, model: str | None = None, preset: str | None = None, lora: str | None = None,
+             checkpoint: str | None = None, vae: str | None = None, tokenizer: str | None = None,
+             use_ema: bool = True, device: str | None = None, dtype: str | None = None,
+             max_side: int | None = None, sampler: SamplerSettings | None = None,
+             warn: Callable[[str], None] = _stderr_warning) -> FusionPipeline:
+        dev = resolve_device(device)
+        module = load_module(model, preset, lora, checkpoint, vae, tokenizer, use_ema, warn)
+        module.backbone.to(device=dev, dtype=resolve_dtype(dtype, dev))
+        module.to(dev)  # the codec stays float32 (the SDXL VAE overflows in fp16)
+        return cls(module, check_max_side(module, max_side), sampler or SamplerSettings(), warn)
+
+    @property
+    def multiple(self) -> int:
+        return int(self.module.pixels_per_token)
+
+    def prepare(self, image1: np.ndarray, image2: np.ndarray, name: str = "pair"):
+        from datamodules.pairs import prepare_pair
+
+        item = prepare_pair(image1, image2, self.max_side, self.multiple)
+        if item.image2_resized_from is not None:
+            (h2, w2), (h1, w1) = item.image2_resized_from, item.original_hw
+            self.warn(f"{name}: image 2 is {w2}x{h2}, image 1 is {w1}x{h1}; resized image 2 to image 1's size")
+        return item
+
+    @torch.no_grad()
+    def sample(self, items: list, prompts: list[str], seeds: list[int] | None = None) -> list[np.ndarray]:
+        """Fuse prepared pairs of one padded size; returns (H, W, 3) uint8 arrays at image 1's size."""
+        from datamodules.pairs import batch_pairs, restore
+
+        m = self.module
+        seeds = seeds or [self.sampler.seed] * len(items)
+        m.val_sampler = self.sampler  # predict_step samples with the module's sampler settings
+        out = m.predict_step(batch_pairs(items, prompts, seeds), 0)
+        return [restore(o, it.content_hw, it.original_hw) for o, it in zip(out, items)]
+
+    def fuse(self, image1: np.ndarray, image2: np.ndarray, prompt: str, seed: int | None = None) -> np.ndarray:
+        item = self.prepare(image1, image2)
+        return self.sample([item], [prompt], None if seed is None else [seed])[0]
+
+
+def check_max_side(module, max_side: int | None) -> int:
+    """--max-side: a multiple of the token size, within the model's position table."""
+    from datamodules.pairs import DEFAULT_MAX_SIDE
+
+    m = int(module.pixels_per_token)
+    limit = int(module.backbone.transformer.config.pos_embed_max_size) * module.codec.downsample
+    if max_side is None:
+        return min(DEFAULT_MAX_SIDE, limit // m * m)
+    if max_side < m or max_side % m:
+        raise FuseError(f"--max-side {max_side} must be a positive multiple of {m} (the model's pixels per token)")
+    if max_side > limit:
+        raise FuseError(f"--max-side {max_side} exceeds this model's position table ({limit} px); use <= {limit}")
+    return max_side
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: what to read, which prompt, where to write
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    name: str
+    image1: Path
+    image2: Path
+    prompt: str
+    output: Path
+
+
+def _output_suffix(path: Path) -> None:
+    if path.suffix.lower() not in OUTPUT_EXTS:
+        raise FuseError(f"output {path}: unknown image type {path.suffix!r}; use one of {', '.join(OUTPUT_EXTS)}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from datamodules.pairs import make_prompt, read_prompt_file
+
+    if args.prompt_file:
+        if args.prompt:
+            raise FuseError("give --prompt or --prompt-file, not both")
+        return [make_prompt(args.task, line, None, None) for line in read_prompt_file(args.prompt_file)]
+    return [make_prompt(args.task, args.prompt, args.control, args.segment)]
+
+
+def build_jobs(args: argparse.Namespace) -> tuple[list[Job], list[tuple[str, str]]]:
+    """(jobs, problems found before reading any image) for the chosen mode."""
+    from datamodules.pairs import find_pairs, pair_dirs
+
+    prompts = _prompts(args)
+    folder = bool(args.pairs_dir or args.image1_dir or args.image2_dir)
+    if folder:
+        if args.image1 or args.image2 or args.output:
+            raise FuseError("folder mode (--pairs-dir / --image1-dir) writes to --output-dir; drop --image1/--image2/--output")
+        if args.prompt_file:
+            raise FuseError("--prompt-file fuses one pair (--image1/--image2) under every prompt; not a folder")
+        if not args.output_dir:
+            raise FuseError("folder mode needs --output-dir DIR")
+        pairs, problems = find_pairs(*pair_dirs(args.pairs_dir, args.image1_dir, args.image2_dir))
+        if not pairs and not problems:
+            raise FuseError("no image pairs found (image1/ and image2/ need files with equal names)")
+        out = Path(args.output_dir)
+        return [Job(p.name, p.image1, p.image2, prompts[0], out / f"{p.name}.png") for p in pairs], problems
+    if not (args.image1 and args.image2):
+        raise FuseError("give --image1 A --image2 B (one pair) or --pairs-dir DIR (a folder of pairs)")
+    a, b = Path(args.image1), Path(args.image2)
+    if args.prompt_file:
+        if bool(args.output) == bool(args.output_dir):
+            raise FuseError("--prompt-file writes OUT_001.png, ... for --output OUT.png, or DIR/<image1>_001.png "
+                            "for --output-dir DIR: give one of them")
+        base = Path(args.output) if args.output else Path(args.output_dir) / f"{a.stem}.png"
+        return [Job(f"prompt {i}", a, b, p, base.with_name(f"{base.stem}_{i:03d}{base.suffix}"))
+                for i, p in enumerate(prompts, 1)], []
+    if args.output_dir and not args.output:
+        return [Job(a.stem, a, b, prompts[0], Path(args.output_dir) / f"{a.stem}.png")], []
+    if not args.output:
+        raise FuseError("give --output OUT.png (or --output-dir DIR)")
+    return [Job(a.stem, a, b, prompts[0], Path(args.output))], []
+
+
+def check_outputs(jobs: list[Job], overwrite: bool) -> None:
+    seen: set[Path] = set()
+    for j in jobs:
+        _output_suffix(j.output)
+        if j.output in seen:
+            raise FuseError(f"two pairs would write {j.output}; rename one of them")
+        seen.add(j.output)
+    existing = [str(j.output) for j in jobs if j.output.exists()]
+    if existing and not overwrite:
+        what = f"{existing[0]} and {len(existing) - 1} more outputs already exist" if len(existing) > 1 \
+            else f"{existing[0]} already exists"
+        raise FuseError(f"{what}; pass --overwrite to replace, or choose another output")
+
+
+def write_image(path: Path, rgb: np.ndarray, overwrite: bool) -> None:
+    """Write an RGB uint8 array; without `overwrite` an existing file is an error (and untouched)."""
+    import cv2
+
+    ok, buf = cv2.imencode(path.suffix.lower(), np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise FuseError(f"cannot encode the output as {path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:  # "xb": never replaces a file
+            f.write(buf.tobytes())
+    except FileExistsError:
+        raise FuseError(f"{path} already exists (created during this run); pass --overwrite to replace it") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _read_pair(pipe: FusionPipeline, job: Job, cache: dict):
+    from datamodules.io import read_image
+
+    key = (job.image1, job.image2)
+    if key not in cache:
+        cache.clear()  # prompt-file mode reuses one pair; folder mode moves on
+        cache[key] = pipe.prepare(read_image(job.image1), read_image(job.image2), job.name)
+    return cache[key]
+
+
+def _batches(pipe: FusionPipeline, jobs: list[Job], batch_size: int, report: RunReport, strict: bool
+             ) -> Iterator[list[tuple[Job, object]]]:
+    """Batches of (job, prepared pair) of equal padded size, in job order as far as sizes allow."""
+    from datamodules.io import ImageReadError
+
+    buckets: dict[tuple[int, ...], list] = {}
+    cache: dict = {}
+    for job in jobs:
+        try:
+            item = _read_pair(pipe, job, cache)
+        except ImageReadError as e:
+            if strict:
+                raise FuseError(str(e)) from None
+            report.skipped.append((job.name, str(e)))
+            pipe.warn(f"skipping pair {job.name}: {e}")
+            continue
+        bucket = buckets.setdefault(tuple(item.images.shape), [])
+        bucket.append((job, item))
+        if len(bucket) == batch_size:
+            yield buckets.pop(tuple(item.images.shape))
+    yield from buckets.values()
+
+
+def run_jobs(pipe: FusionPipeline, jobs: list[Job], batch_size: int = 1, overwrite: bool = False,
+             strict: bool = True) -> RunReport:
+    """Fuse every job; `strict=False` (folder mode) skips unreadable pairs and reports them."""
+    report = RunReport()
+    done = 0
+    for batch in _batches(pipe, jobs, batch_size, report, strict):
+        t0 = time.perf_counter()
+        fused = pipe.sample([it for _, it in batch], [j.prompt for j, _ in batch])
+        dt = (time.perf_counter() - t0) / len(batch)
+        for (job, _), rgb in zip(batch, fused):
+            write_image(job.output, rgb, overwrite)
+            report.written.append(job.output)
+            done += 1
+            print(f"[{done}/{len(jobs)}] {job.output} ({dt:.2f} s/pair)", flush=True)
+    return report
+
+
+def _check_inputs(jobs: list[Job]) -> None:
+    """Single-pair modes: a missing input is an error before the model loads."""
+    for path in {p for j in jobs for p in (j.image1, j.image2)}:
+        if not path.is_file():
+            raise FuseError(f"input image {path} does not exist")
+
+
+def _summary(report: RunReport, problems: list[tuple[str, str]]) -> int:
+    skipped = problems + report.skipped
+    print(f"fused {len(report.written)} pair(s); skipped {len(skipped)}")
+    for name, why in skipped:
+        print(f"  skipped {name}: {why}")
+    return 1 if skipped else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs, problems = build_jobs(args)
+    folder = bool(args.pairs_dir or args.image1_dir or args.image2_dir)
+    check_outputs(jobs, args.overwrite)
+    if not folder:
+        _check_inputs(jobs)
+    for name, why in problems:
+        _stderr_warning(f"skipping {name}: {why}")
+    if args.batch_size < 1 or args.steps < 1:
+        raise FuseError("--batch-size and --steps must be >= 1")
+    sampler = SamplerSettings(steps=args.steps, guidance_scale=args.guidance_scale,
+                              img_guidance_scale=args.img_guidance_scale, kv_cache=not args.no_kv_cache,
+                              batch_branches=not args.sequential_branches, seed=args.seed)
+    pipe = FusionPipeline.load(args.model, args.preset, args.lora, args.checkpoint, args.vae, args.tokenizer,
+                               use_ema=not args.no_ema, device=args.device, dtype=args.dtype,
+                               max_side=args.max_side, sampler=sampler)
+    report = run_jobs(pipe, jobs, args.batch_size, args.overwrite, strict=not folder)
+    return _summary(report, problems) if folder else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+EPILOG = """\
+examples:
+  ditfuse fuse --model OmniGen-v1 --lora ditfuse-lora --image1 vis.png --image2 ir.png --task ivif --output fused.png
+  ditfuse fuse --model OmniGen-v1 --checkpoint last.ckpt --pairs-dir pairs/ --task mff --output-dir fused/ --batch-size 4
+  ditfuse fuse --preset tiny --image1 a.png --image2 b.png --prompt-file prompts.txt --output-dir out/ --steps 2
+
+Inputs: PNG/JPEG/BMP/TIFF, 8 or 16 bit, 1/3/4 channels (alpha dropped, grey replicated). Image 2 is
+resized to image 1 when sizes differ (warning). Pairs are scaled down to --max-side and padded to
+the token grid; outputs are written at image 1's original size. Image order: image 1 = visible /
+far-focus / over-exposed, image 2 = infrared / near-focus / under-exposed.
+Exit status: 0 on success; 1 on an error or when folder mode skipped a pair (the summary lists it)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ditfuse fuse", description="Fuse image pairs with a DiTFuse/OmniGen model.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="OmniGen-v1 folder, diffusers layout (transformer/, vae/, "
+                   "tokenizer/) or original layout (config.json + model.safetensors); never downloads")
+    g.add_argument("--preset", choices=PRESETS, help="model preset (default: omnigen-v1 with --model, the "
+                   "checkpoint's with --checkpoint); 'tiny' without --model is a random-init demo model")
+    g.add_argument("--lora", metavar="DIR", help="LoRA adapter folder: this framework's or the official DiTFuse "
+                   "one (fused qkv_proj/o_proj), detected and converted automatically, merged into the weights")
+    g.add_argument("--checkpoint", metavar="CKPT", help="Lightning checkpoint of `ditfuse fit` (EMA weights when "
+                   "it holds them); the base comes from its hyper-parameters or --model")
+    g.add_argument("--no-ema", action="store_true", help="with --checkpoint: use the raw weights, not the EMA ones")
+    g.add_argument("--vae", metavar="DIR", help="SDXL VAE folder (default: MODEL/vae)")
+    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's; builtin for tiny)")
+
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--image1", metavar="A", help="first image (visible / far-focus / over-exposed)")
+    g.add_argument("--image2", metavar="B", help="second image (infrared / near-focus / under-exposed)")
+    g.add_argument("--output", metavar="OUT", help="output image (.png, .jpg, .bmp, .tif); with --prompt-file "
+                   "OUT_001.png, OUT_002.png, ...")
+    g.add_argument("--pairs-dir", metavar="DIR", help="folder mode: DIR/image1/ and DIR/image2/ with equal file "
+                   "names; unreadable or unpaired files are reported and skipped")
+    g.add_argument("--image1-dir", metavar="DIR", help="folder mode: the image-1 folder (with --image2-dir)")
+    g.add_argument("--image2-dir", metavar="DIR", help="folder mode: the image-2 folder (with --image1-dir)")
+    g.add_argument("--output-dir", metavar="DIR", help="folder for the outputs (<image1 name>.png; with "
+                   "--prompt-file <image1 name>_001.png, ...)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse, exit 1, "
+                   "leave them untouched)")
+
+    g = p.add_argument_group("prompt")
+    g.add_argument("--task", choices=FUSION_TASKS, help="fusion task: ivif (infrared-visible), mff (multi-focus), "
+                   "mef (multi-exposure); the published DiTFuse instruction")
+    g.add_argument("--prompt", metavar="TEXT", help="free instruction (placed in the DiTFuse template, tagged "
+                   "as --task or [FUSION]), or a full prompt with <img><|image_1|></img> and <img><|image_2|></img>")
+    g.add_argument("--prompt-file", metavar="FILE", help="one prompt per line (as --prompt; '#' comments): one "
+                   "output per line for the pair --image1/--image2")
+    g.add_argument("--control", choices=CONTROL_SUBTASKS, help="[CONTROL] prompt: brightness (LIGHT++ strong up, "
+                   "LIGHT+ slight up, LIGHT- slight down, LIGHT-- strong down) or contrast (CONTRAST+/-) of the "
+                   "fused result; the base instruction is --task's (M3's when absent)")
+    g.add_argument("--segment", metavar="CLASS", help="[SEG] prompt: paint the CLASS mask in blue over the image")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
+    g.add_argument("--guidance-scale", type=float, default=2.5, help="text guidance s_txt (default: 2.5, OmniGen)")
+    g.add_argument("--img-guidance-scale", type=float, default=1.6, help="image guidance s_img (default: 1.6, "
+                   "OmniGen); 1 and 1 run the conditional branch only")
+    g.add_argument("--seed", type=int, default=0, help="initial-noise seed, the same for every pair (default: 0)")
+    g.add_argument("--max-side", type=int, help="processing resolution: long side in pixels, a multiple of the "
+                   "model's token size (16 for OmniGen-v1); larger inputs are scaled down (default: 1024)")
+    g.add_argument("--batch-size", type=int, default=1, help="pairs sampled together (same processed size; "
+                   "default: 1); outputs do not depend on it")
+    g.add_argument("--no-kv-cache", action="store_true", help="recompute the condition tokens at every step "
+                   "(same output, slower; for checking)")
+    g.add_argument("--sequential-branches", action="store_true", help="run the guidance branches one after "
+                   "another (less memory, slower)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto = cuda if present)")
+    g.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="transformer precision "
+                   "(default: auto = bf16 on CUDA, fp32 on CPU); the VAE stays fp32")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from datamodules.io import ImageReadError
+
+    try:
+        return run(args)
+    except (FuseError, FileNotFoundError, ImageReadError, ValueError) as e:
+        print(f"ditfuse fuse: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
