@@ -1,0 +1,74 @@
+"""No-reference IQA (CLIPIQA, MANIQA through pyiqa) of the sampled outputs, per task."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from callbacks._common import check_every, is_due, log_means, sampled_outputs, task_indices
+
+TASKS = ("ivif", "mff", "mef", "m3", "seg", "control")
+
+
+class IQAMetrics(pl.Callback):
+    """Log `val/<task>/<metric>` for CLIPIQA/MANIQA on at most `max_images` outputs per epoch (per rank).
+
+    Weights come only from local files: `weights_dir` (laid out like pyiqa's torch-hub cache) or
+    explicit `files`. They are resolved in `setup()`, before any training step: a missing file
+    fails at once with one line naming it, or, with `required: false`, warns once and drops that
+    metric. Nothing is downloaded. On CPU a 512 px image costs seconds (MANIQA with 20 crops, a
+    minute): keep `max_images` small there; `maniqa_crops` trades accuracy for time.
+    """
+
+    def __init__(self, weights_dir: str | None = None, files: dict[str, str] | None = None,
+                 metrics: Sequence[str] = ("clipiqa", "maniqa"), required: bool = True,
+                 every_n_epochs: int = 1, max_images: int = 16, maniqa_crops: int | None = None) -> None:
+        self.every_n_epochs = check_every(every_n_epochs)
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.weights_dir, self.files = weights_dir, files
+        self.names, self.required = tuple(metrics), required
+        self.max_images, self.maniqa_crops = max_images, maniqa_crops
+        self._scorers: dict[str, Any] = {}
+        self._means: dict[str, MeanMetric] = {}
+        self._scored = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._scorers:
+            return
+        from ditfuse.iqa import build_iqa_metrics
+
+        self._scorers = build_iqa_metrics(weights_dir=self.weights_dir, files=self.files, names=self.names,
+                                          required=self.required, device=str(pl_module.device),
+                                          maniqa_crops=self.maniqa_crops)
+        self._means = {f"val/{t}/{n}": MeanMetric() for t in TASKS for n in self._scorers}
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._scored = 0
+        for m in self._means.values():
+            m.to(pl_module.device).reset()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._scorers or not is_due(trainer, self.every_n_epochs) or self._scored >= self.max_images:
+            return
+        out = (sampled_outputs(pl_module, batch, outputs).float().clamp(-1, 1) + 1) / 2
+        for task, rows in task_indices(batch).items():
+            rows = rows[: self.max_images - self._scored].to(out.device)
+            if len(rows) == 0:
+                break
+            for name, scorer in self._scorers.items():
+                self._means[f"val/{task}/{name}"].update(_as_tensor(scorer(out[rows])))
+            self._scored += len(rows)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._scorers or not is_due(trainer, self.every_n_epochs):
+            return
+        log_means(pl_module, self._means)
+
+
+def _as_tensor(x: Any) -> Tensor:
+    return x.flatten().float()
