@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,6 +90,8 @@ class HParamsLogger(pl.Callback):
         if isinstance(batch, int):
             params["trainer.global_batch"] = batch * trainer.world_size * trainer.accumulate_grad_batches
         params["trainer.world_size"] = trainer.world_size
+        if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything (LightningCLI's seed_everything)
+            params["seed_everything"] = int(os.environ["PL_GLOBAL_SEED"])
         params.update(_flatten("", self.extra))
         return {k: _sanitize(v) for k, v in params.items()}
 
