@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class Axis:
     name: str
     updates: list[dict[str, Any]]
     labels: list[str]
-    linked: bool = False  # several keys per value (from a --grid-file); labels name the keys
+    linked: bool = False  # a --grid-file axis of several keys: its labels are complete (`_name`)
 
 
 @dataclass
@@ -112,16 +113,29 @@ def _fmt(value: Any) -> str:
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return "+".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}{_fmt(v)}" for k, v in value.items())
     return str(value)
 
 
 def axis_from_arg(arg: str) -> Axis:
+    """`key=v1,v2` or, for keys that move together, `key1,key2=a1:a2,b1:b2`."""
     key, sep, values = arg.partition("=")
     if not sep or not key.strip() or not values.strip():
         raise SweepError(f"--grid {arg!r}: expected KEY=V1,V2,... (e.g. data.ratios.m3=0.6,0.75,0.9)")
-    key = key.strip()
-    parsed = [parse_value(v) for v in split_values(values)]
-    return Axis(key, [{key: v} for v in parsed], [_fmt(v) for v in parsed])
+    keys = [k.strip() for k in key.split(",")]
+    if len(keys) == 1:
+        parsed = [parse_value(v) for v in split_values(values)]
+        return Axis(keys[0], [{keys[0]: v} for v in parsed], [_fmt(v) for v in parsed])
+    updates = []
+    for group in split_values(values):
+        parts = group.split(":")
+        if len(parts) != len(keys):
+            raise SweepError(f"--grid {arg!r}: {group!r} has {len(parts)} values for {len(keys)} keys "
+                             f"(write one value per key, joined by ':')")
+        updates.append({k: parse_value(v) for k, v in zip(keys, parts)})
+    # named by the first key; the others follow it
+    return Axis(keys[0], updates, [_fmt(u[keys[0]]) for u in updates])
 
 
 def axes_from_file(path: Path) -> list[Axis]:
@@ -147,10 +161,11 @@ def axes_from_file(path: Path) -> list[Axis]:
 # --------------------------------------------------------------------------------------------
 # keys
 # --------------------------------------------------------------------------------------------
-def resolve_key(cfg: DictConfig, key: str) -> str:
+def resolve_key(cfg: DictConfig, key: str, complete: bool = False) -> str:
     """The dotted path of `key` in `cfg`, stepping into `init_args` where the key skips it.
 
     Raises SweepError naming the key and the keys that do exist where the walk stopped.
+    `complete`: cfg holds every setting (printed by the CLI), not just what the YAML sets.
     """
     node: Any = cfg
     path: list[str] = []
@@ -172,11 +187,11 @@ def resolve_key(cfg: DictConfig, key: str) -> str:
             # (`trainer`) or a class's init_args never take unknown keys here
             path.append(part)
         else:
-            raise SweepError(_unknown_key_message(key, part, path, node))
+            raise SweepError(_unknown_key_message(key, part, path, node, complete))
     return ".".join(path)
 
 
-def _unknown_key_message(key: str, part: str, path: list[str], node: Any) -> str:
+def _unknown_key_message(key: str, part: str, path: list[str], node: Any, complete: bool) -> str:
     where = ".".join(p for p in path if p != "init_args") or "the top level"
     if not isinstance(node, DictConfig):
         return f"--grid key {key!r} is not in the config: {where} is a value ({node!r}), not a mapping"
@@ -185,9 +200,10 @@ def _unknown_key_message(key: str, part: str, path: list[str], node: Any) -> str
         have += [str(k) for k in node.init_args.keys()]
     close = difflib.get_close_matches(part, have, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return (f"--grid key {key!r} is not in the config: {where} has no {part!r} "
-            f"(it has {', '.join(sorted(have)) or 'nothing'}).{hint} To sweep a setting the config "
-            f"leaves at its default, write it into the base config first.")
+    tail = "" if complete else (" (Settings left at their default are found through `ditfuse fit "
+                                "--print_config`, which failed or is not available here.)")
+    return (f"--grid key {key!r} is not a setting: {where} has no {part!r} "
+            f"(it has {', '.join(sorted(have)) or 'nothing'}).{hint}{tail}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,10 +242,40 @@ def _short_names(keys: list[str]) -> list[str]:
     return out
 
 
-def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str,
-                 metrics: list[str] | None) -> list[Point]:
+def resolve_keys(base: DictConfig, keys: list[str], full: Callable[[], DictConfig | None]) -> dict[str, str]:
+    """key -> dotted path. A key the YAML does not set is looked up in `full()` (every setting
+    with its default, as `ditfuse fit --print_config` prints them), fetched only when needed."""
+    resolved, missing = {}, []
+    for key in keys:
+        try:
+            resolved[key] = resolve_key(base, key)
+        except SweepError:
+            missing.append(key)
+    if missing:
+        everything = full()
+        for key in missing:
+            resolved[key] = resolve_key(everything, key, complete=True) if everything is not None \
+                else resolve_key(base, key)
+    return resolved
+
+
+def printed_config(configs: list[Path]) -> DictConfig | None:
+    """The composed config with every default, from `ditfuse fit --print_config` (None when the
+    CLI is not importable). A config the CLI rejects is an error here, before anything is written."""
+    cmd = [sys.executable, "-m", "ditfuse.cli", "fit", *(a for c in configs for a in ("--config", str(c))),
+           "--print_config"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        if "No module named 'ditfuse.lightning_cli'" in res.stderr:
+            return None
+        raise SweepError(f"`{shlex.join(cmd)}` failed:\n{res.stderr.strip()[-2000:]}")
+    return OmegaConf.create(yaml.safe_load(res.stdout))
+
+
+def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str, metrics: list[str] | None,
+                 full: Callable[[], DictConfig | None] = lambda: None) -> list[Point]:
     # resolve every key once, before anything is composed, so a typo fails first
-    resolved = {key: resolve_key(base, key) for a in axes for upd in a.updates for key in upd}
+    resolved = resolve_keys(base, [key for a in axes for upd in a.updates for key in upd], full)
     points = []
     for index, combo in enumerate(itertools.product(*(range(len(a.updates)) for a in axes))):
         cfg = copy.deepcopy(base)
@@ -427,7 +473,8 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     sweep_name = args.name or out.resolve().name
     axes = [axis_from_arg(g) for g in args.grid] + [a for f in args.grid_file for a in axes_from_file(f)]
     base = load_configs(args.config)
-    points = build_points(base, axes, out, sweep_name, args.metrics)  # validates every key
+    points = build_points(base, axes, out, sweep_name, args.metrics,  # validates every key
+                          full=lambda: printed_config(args.config))
     prepare_out(out, args.overwrite)
     header = (f"# Sweep {sweep_name!r}, written by: ditfuse sweep "
               f"{shlex.join(argv)}\n"

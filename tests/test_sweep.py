@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import ditfuse.sweep as sweep_mod
 from callbacks.hparams import HParamsLogger
 from ditfuse.sweep import main as sweep
 
@@ -41,7 +42,9 @@ data:
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
+def base(tmp_path: Path, monkeypatch) -> Path:
+    """A small base YAML; keys are checked against it alone (no `--print_config` lookup)."""
+    monkeypatch.setattr(sweep_mod, "printed_config", lambda configs: None)
     path = tmp_path / "base.yaml"
     path.write_text(BASE)
     return path
@@ -102,7 +105,8 @@ def test_sweep_unknown_key_fails_before_writing(base, tmp_path):
     assert rc == 2 and "'trainer.max_step'" in err and not out.exists()
 
 
-def test_sweep_may_add_a_kind_to_a_mapping_argument(tmp_path):
+def test_sweep_may_add_a_kind_to_a_mapping_argument(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "printed_config", lambda configs: None)
     base = tmp_path / "base.yaml"
     base.write_text("data:\n  ratios: {m3: 1.0}\n")
     assert _run(["--config", str(base), "--grid", "data.ratios.fusion=0.0,0.1", "--out", str(tmp_path / "o")])[0] == 0
@@ -126,6 +130,19 @@ def test_sweep_never_overwrites_without_flag(base, tmp_path):
     (other / "precious.txt").write_text("x")
     rc, err = _run(["--config", str(base), "--out", str(other), "--overwrite"])
     assert rc == 2 and "not a sweep directory" in err and (other / "precious.txt").exists()
+
+
+def test_sweep_linked_axis_on_the_command_line(base, tmp_path):
+    out = tmp_path / "sw"
+    rc, _ = _run(["--config", str(base), "--grid", "data.ratios.fusion,data.ratios.m3=0:0.75,0.025:0.725",
+                  "--out", str(out)])
+    assert rc == 0
+    points = json.loads((out / "manifest.json").read_text())["points"]
+    assert [p["name"] for p in points] == ["p000_fusion=0", "p001_fusion=0.025"]
+    assert points[1]["values"] == {"data.ratios.fusion": 0.025, "data.ratios.m3": 0.725}
+    rc, err = _run(["--config", str(base), "--grid", "data.ratios.fusion,data.ratios.m3=0:0.75,0.1",
+                    "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "'0.1' has 1 values for 2 keys" in err
 
 
 def test_sweep_linked_axis_from_grid_file(base, tmp_path):
@@ -225,9 +242,24 @@ def _demo_sweep(tmp_path: Path, *extra: str) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+needs_demo = pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo.yaml is not there yet")
+
+
+@needs_demo
+def test_sweep_checks_keys_the_yaml_leaves_at_their_default(tmp_path):
+    """A key the YAML does not set is looked up among every setting the CLI knows."""
+    out = tmp_path / "sw"
+    rc, err = _run(["--config", str(DEMO), "--grid", "model.flow.t_shift=1.0,3.0", "--out", str(out)])
+    assert rc == 0, err
+    cfg = yaml.safe_load(next((out / "points").glob("p001_*.yaml")).read_text())
+    assert cfg["model"]["flow"]["t_shift"] == 3.0
+    rc, err = _run(["--config", str(DEMO), "--grid", "model.flow.t_shfit=1.0,3.0", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "'model.flow.t_shfit'" in err and "Did you mean 't_shift'" in err
+    assert not (tmp_path / "x").exists()
+
+
+@needs_demo
 def test_sweep_configs_parse_with_print_config(tmp_path):
-    if not DEMO.is_file():
-        pytest.skip("configs/demo.yaml is not there yet")
     manifest = _demo_sweep(tmp_path)
     for p in manifest["points"]:
         res = subprocess.run([sys.executable, "-m", "ditfuse.cli", "fit", "--config", p["config"], "--print_config"],
