@@ -1,4 +1,5 @@
-"""`FusedImageWriter`: `ditfuse predict` outputs as PNGs at each pair's source size, never overwritten.
+"""`ditfuse predict` callbacks: `FusedImageWriter` (PNGs at each pair's source size, never
+overwritten) and `UseEMAWeights` (predict with the EMA weights of `ckpt_path`).
 
 Every rank writes the batches it predicted (datamodules/pairs.py shards pairs so that each is
 predicted by exactly one rank), so each output is written once, with no gather.
@@ -12,7 +13,9 @@ from typing import Any
 import cv2
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from datamodules.pairs import restore
@@ -61,3 +64,19 @@ class FusedImageWriter(BasePredictionWriter):
             except FileExistsError:
                 raise self._refuse(path) from None
             self.written.append(path)
+
+
+class UseEMAWeights(pl.Callback):
+    """Swap in the EMA weights (callbacks/ema.py) of the checkpoint given as `ckpt_path` before
+    predicting; without a checkpoint, or one without EMA state, the loaded weights stay."""
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from callbacks.ema import CHECKPOINT_KEY
+        from ditfuse.inference import apply_ema
+
+        if not trainer.ckpt_path:
+            return
+        ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)  # the user's own checkpoint
+        if ckpt.get(CHECKPOINT_KEY):
+            n = apply_ema(pl_module, ckpt)
+            rank_zero_info(f"predicting with the EMA weights of {trainer.ckpt_path} ({n} tensors)")

@@ -301,19 +301,17 @@ class PairsDataModule(L.LightningDataModule):
         pairs_dir: folder with image1/ and image2/; or image1_dir + image2_dir.
         task / prompt / control / segment: the prompt, as `ditfuse fuse` builds it.
         max_side: processing resolution (long side), a multiple of the model's pixels per token.
-        multiple: pixels per token of the model (16 for OmniGen-v1, 4 for the tiny preset).
+        multiple: pixels per token (16 for OmniGen-v1, 4 for the tiny preset); None: the model's.
         batch_size: pairs per batch (same-size pairs only). seed: initial noise seed of every pair.
     """
 
     def __init__(self, pairs_dir: str | None = None, image1_dir: str | None = None, image2_dir: str | None = None,
                  task: str | None = "ivif", prompt: str | None = None, control: str | None = None,
-                 segment: str | None = None, max_side: int = DEFAULT_MAX_SIDE, multiple: int = 16,
+                 segment: str | None = None, max_side: int = DEFAULT_MAX_SIDE, multiple: int | None = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
-            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
-        if max_side < multiple or max_side % multiple:
-            raise ValueError(f"max_side ({max_side}) must be a positive multiple of {multiple}")
+            raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
         self.dir1, self.dir2 = pair_dirs(pairs_dir, image1_dir, image2_dir)
         self.prompt = make_prompt(None if segment else task, prompt, control, segment)
         self.max_side, self.multiple, self.batch_size = max_side, multiple, batch_size
@@ -327,8 +325,17 @@ class PairsDataModule(L.LightningDataModule):
         """Keys of every pair (all ranks): the writer checks them before any sampling."""
         return [p.name for p in self.pairs]
 
+    def _multiple(self) -> int:
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        multiple = self.multiple or int(getattr(model, "pixels_per_token", 16))
+        if self.max_side < multiple or self.max_side % multiple:
+            raise ValueError(f"data.max_side ({self.max_side}) must be a positive multiple of {multiple} "
+                             "(the model's pixels per token)")
+        return multiple
+
     def setup(self, stage: str | None = None) -> None:
-        self.dataset = PairBatches(self.pairs, self.prompt, self.max_side, self.multiple, self.batch_size, self.seed)
+        self.dataset = PairBatches(self.pairs, self.prompt, self.max_side, self._multiple(), self.batch_size,
+                                   self.seed)
         if self.trainer is not None:
             self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
 

@@ -52,7 +52,7 @@ class DiTFuseCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         check_model_config(_as_dict(cfg.get("model")) or {})
         data = _as_dict(cfg.get("data"))
-        if isinstance(data, dict):
+        if isinstance(data, dict) and self.subcommand != "predict":  # predict: PairsDataModule
             from datamodules import DiTFuseDataModule
 
             if hasattr(DiTFuseDataModule, "check_config"):
@@ -65,9 +65,12 @@ def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
 
     from ditfuse.module import DiTFuseModule
 
+    datamodule = DiTFuseDataModule
+    if args and args[0] == "predict":  # a folder of pairs (configs/predict.yaml, datamodules/pairs.py)
+        from datamodules.pairs import PairsDataModule as datamodule
     return DiTFuseCLI(
         DiTFuseModule,
-        DiTFuseDataModule,
+        datamodule,
         args=args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},

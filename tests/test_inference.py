@@ -415,7 +415,26 @@ def test_pair_batches_shard_every_pair_to_exactly_one_rank(tmp_path):
     assert sorted(seen) == ["a", "b", "d"]  # c's partner is unreadable
 
 
-def test_predict_writes_each_output_once_at_source_size(tmp_path):
+def test_ditfuse_predict_writes_each_output_once_at_source_size(tmp_path):
+    from ditfuse.cli import main as ditfuse
+
+    root = _pairs_dir(tmp_path / "pairs")
+    out = tmp_path / "out"
+    args = ["predict", "--config", str(Path(__file__).parents[1] / "configs" / "predict.yaml"),
+            "--model.preset=tiny", "--model.val_sampler.steps=1", "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", f"--data.pairs_dir={root}",
+            "--data.max_side=64", "--data.batch_size=2", "--data.num_workers=0",
+            f"--trainer.callbacks.output_dir={out}"]
+    assert ditfuse(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "d.png"]
+    assert _hw(out / "a.png") == (12, 16)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ditfuse(args)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_predict_matches_fuse_for_the_same_pair(tmp_path):
     import lightning as L
 
     from callbacks.prediction_writer import FusedImageWriter
@@ -423,12 +442,14 @@ def test_predict_writes_each_output_once_at_source_size(tmp_path):
     from ditfuse.module import DiTFuseModule
 
     root = _pairs_dir(tmp_path / "pairs")
-    model = DiTFuseModule(preset="tiny", val_sampler=SamplerSettings(steps=1))
-    dm = PairsDataModule(pairs_dir=str(root), task="ivif", max_side=64, multiple=4, batch_size=2)
-    writer = FusedImageWriter(output_dir=str(tmp_path / "out"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[writer], enable_progress_bar=False)
+    model = DiTFuseModule(preset="tiny", val_sampler=SamplerSettings(steps=2))
+    dm = PairsDataModule(pairs_dir=str(root), task="ivif", max_side=64, batch_size=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        callbacks=[FusedImageWriter(output_dir=str(tmp_path / "pred"))])
     trainer.predict(model, datamodule=dm, return_predictions=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "d.png"]
-    assert _hw(tmp_path / "out" / "a.png") == (12, 16)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        trainer.predict(model, datamodule=dm, return_predictions=False)
+    assert main([*FAST, "--steps", "2", "--pairs-dir", str(root), "--task", "ivif", "--max-side", "64",
+                 "--output-dir", str(tmp_path / "fuse")]) == 1  # c, lonely, e skipped
+    for n in "abd":
+        a = cv2.imread(str(tmp_path / "pred" / f"{n}.png")).astype(int)
+        b = cv2.imread(str(tmp_path / "fuse" / f"{n}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1, n
