@@ -35,7 +35,7 @@ def _normalise(arr: np.ndarray | None, what: str) -> np.ndarray:
             arr = arr[:, :, :3]  # drop alpha
         if arr.shape[2] != 3:
             raise ImageReadError(f"{what}: {arr.shape[2]} channels; use 1, 3 or 4")
-        arr = np.ascontiguousarray(arr[:, :, ::-1])  # OpenCV BGR -> RGB
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)  # OpenCV order -> RGB (faster than a numpy flip)
     return arr
 
 
@@ -85,6 +85,24 @@ def to_tensor(arr: np.ndarray, vrange: tuple[float, float] | None = None) -> Ten
         x = x / 255.0
     x = x[None].expand(3, -1, -1) if x.ndim == 2 else x.permute(2, 0, 1)
     return x.contiguous()
+
+
+def to_raw_tensor(arr: np.ndarray, vrange: tuple[float, float] | None = None) -> Tensor:
+    """(C, H, W) with C in {1, 3}, without conversion work: 8-bit stays uint8 (a view of the
+    array); 16-bit becomes float in [0, 1] over `vrange` (as in `to_tensor`). Crop first, then
+    `float01` it: converting only the crop saves most of the per-sample copying."""
+    if arr.dtype == np.uint16:
+        x = to_tensor(arr, vrange)
+        return x[:1] if arr.ndim == 2 else x
+    t = torch.from_numpy(arr)
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def float01(x: Tensor) -> Tensor:
+    """A raw (C, H, W) plane (uint8 or float in [0, 1]) -> (3, H, W) float32 in [0, 1]."""
+    if x.dtype == torch.uint8:
+        x = x.float().mul_(1 / 255)
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

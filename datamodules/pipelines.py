@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS, build_prompt, instruction_for
-from datamodules.io import decode_image, to_tensor
+from datamodules.io import decode_image, float01, to_raw_tensor
 from datamodules.m3 import M3Config, m3_views, seed_for
 from datamodules.schema import NOT_A_CLASS, SchemaError, check_sample, image_field
 from datamodules.targets import IVIF_FALLBACKS, SEG_ALPHA, SEG_COLOR, ControlConfig, control_op, ivif_fallback, seg_overlay
@@ -61,11 +61,17 @@ class _Draw:
 # decode and geometry
 # ---------------------------------------------------------------------------------------------
 def _image(sample: dict, stem: str, meta: dict) -> Tensor:
-    """(3, H, W) in [0, 1]; 16-bit images use the range the writer recorded (json `ranges`)."""
+    """Raw (C, H, W) plane (uint8, or float in [0, 1] for 16-bit images, stretched over the range
+    the writer recorded in json `ranges`)."""
     name = image_field(sample, stem)
     arr = decode_image(sample[name], f"{sample['__key__']}.{name}")  # type: ignore[index]
     vr = (meta.get("ranges") or {}).get(stem)
-    return to_tensor(arr, tuple(vr) if vr else None)
+    return to_raw_tensor(arr, tuple(vr) if vr else None)
+
+
+def _planes(sample: dict, stems: tuple[str, ...], meta: dict, size: int, d: _Draw | None) -> list[Tensor]:
+    """Decode, crop/flip together, then convert only the crops: (3, S, S) floats in [0, 1]."""
+    return [float01(p) for p in _geometry([_image(sample, s, meta) for s in stems], size, d)]
 
 
 def _label_map(sample: dict) -> Tensor:
@@ -101,6 +107,7 @@ def _geometry(planes: list[Tensor], size: int, d: _Draw | None) -> list[Tensor]:
 def _resize(p: Tensor, h: int, w: int) -> Tensor:
     if p.dtype == torch.int64:  # label map (H, W)
         return F.interpolate(p[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    p = p.float() / 255 if p.dtype == torch.uint8 else p
     return F.interpolate(p[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
@@ -126,11 +133,8 @@ def _instruction(cfg: PipelineConfig, task: str, d: _Draw | None, *, subtask: st
 # ---------------------------------------------------------------------------------------------
 def _fusion_images(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None) -> tuple[Tensor, Tensor, Tensor, dict]:
     """img1, img2, target (each (3, S, S) in [0, 1]) of a fusion-style sample, + meta additions."""
-    planes = [_image(sample, "img1", meta), _image(sample, "img2", meta)]
     has_target = image_field(sample, "target") is not None
-    if has_target:
-        planes.append(_image(sample, "target", meta))
-    planes = _geometry(planes, cfg.image_size, d)
+    planes = _planes(sample, ("img1", "img2", "target") if has_target else ("img1", "img2"), meta, cfg.image_size, d)
     task = meta.get("task", "m3")
     if has_target:
         return planes[0], planes[1], planes[2], {"target_source": "shard"}
@@ -144,7 +148,7 @@ def _m3_images(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, s
     if image_field(sample, "img") is None:  # pre-made views
         a, b, t, extra = _fusion_images(sample, meta, cfg, d)
         return a, b, t, {**extra, "m3": "shard"}
-    (clean,) = _geometry([_image(sample, "img", meta)], cfg.image_size, d)
+    (clean,) = _planes(sample, ("img",), meta, cfg.image_size, d)
     # the M3 draw has its own generator so a (seed, key) reproduces the pair on its own
     res = m3_views(clean, cfg.m3, torch.Generator().manual_seed(seed_for(*seed_key)))
     return res.view1, res.view2, clean, {"target_source": "clean", "m3_block": res.block_size}
@@ -153,15 +157,12 @@ def _m3_images(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, s
 def _row(kind: str, task: str, prompt: str, a: Tensor, b: Tensor, target: Tensor, sample: dict,
          meta: dict, *, subtask: str | None = None, mask: Tensor | None = None,
          base: Tensor | None = None) -> dict:
-    """One sample in the batch contract (images in [-1, 1])."""
-    s = target.shape[-1]
+    """One sample; images still in [0, 1] (collate writes the batch in [-1, 1] with one copy)."""
     return {
         "kind": kind, "task": task, "prompt": prompt, "subtask": subtask,
         "key": sample["__key__"], "meta": {**meta, "shard": sample.get("__shard__")},
-        "images": torch.stack((a, b)) * 2 - 1,  # (2, 3, S, S)
-        "target": target * 2 - 1,  # (3, S, S)
-        "mask": mask if mask is not None else torch.zeros(s, s, dtype=torch.bool),
-        "control_base": (base if base is not None else target) * 2 - 1,
+        "image1": a, "image2": b, "target": target,  # (3, S, S) each
+        "mask": mask, "control_base": base,  # (S, S) bool / (3, S, S), or None
     }
 
 
@@ -192,8 +193,9 @@ def process(kind: str, sample: dict, cfg: PipelineConfig, *, seed: int, draw_key
 
 
 def _seg(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, rng_d: _Draw) -> dict:
-    a, b = _image(sample, "img1", meta), _image(sample, "img2", meta)
-    a, b, labels = _geometry([a, b, _label_map(sample)], cfg.image_size, d)
+    a, b, labels = _geometry([_image(sample, "img1", meta), _image(sample, "img2", meta), _label_map(sample)],
+                             cfg.image_size, d)
+    a, b = float01(a), float01(b)
     classes = {int(k): str(v) for k, v in meta["classes"].items()}
     named = [k for k, v in classes.items() if v.lower() not in NOT_A_CLASS] or list(classes)
     present = [k for k in named if bool((labels == k).any())]
@@ -231,9 +233,24 @@ def _draw_subtask(cfg: ControlConfig, d: _Draw) -> str:
 
 
 def collate(rows: list[dict]) -> dict:
-    """Rows -> the batch dict of docs/CONTRACTS.md (tensors stacked, the rest as lists)."""
-    out: dict = {}
-    for k in rows[0]:
-        vals = [r[k] for r in rows]
-        out[k] = torch.stack(vals) if isinstance(vals[0], Tensor) else vals
-    return out
+    """Rows -> the batch dict of docs/CONTRACTS.md.
+
+    images (B, 2, 3, S, S) and target / control_base (B, 3, S, S) in [-1, 1]; mask (B, S, S) bool
+    (all False outside seg rows); control_base is the target outside control rows.
+    """
+    n, (c, h, w) = len(rows), rows[0]["target"].shape
+    images = torch.empty(n, 2, c, h, w)
+    target = torch.empty(n, c, h, w)
+    mask = torch.zeros(n, h, w, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        images[i, 0], images[i, 1], target[i] = r["image1"], r["image2"], r["target"]
+        if r["mask"] is not None:
+            mask[i] = r["mask"]
+    images.mul_(2).sub_(1)
+    target.mul_(2).sub_(1)
+    base = target.clone()
+    for i, r in enumerate(rows):
+        if r["control_base"] is not None:
+            base[i] = r["control_base"] * 2 - 1
+    out = {k: [r[k] for r in rows] for k in ("kind", "task", "prompt", "subtask", "key", "meta")}
+    return {**out, "images": images, "target": target, "mask": mask, "control_base": base}

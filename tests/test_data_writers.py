@@ -13,7 +13,7 @@ import torch
 from datamodules.cli import inspect
 from datamodules.demo import build_demo
 from datamodules.io import decode_image, read_image, to_tensor
-from datamodules.pipelines import PipelineConfig, process
+from datamodules.pipelines import PipelineConfig, collate, process
 from datamodules.schema import SchemaError, check_sample, iter_tar
 from datamodules.writers import write_control, write_fusion, write_m3, write_seg
 from ditfuse.cli import main as ditfuse_main
@@ -33,6 +33,12 @@ def _rgb(h=24, w=32) -> np.ndarray:
 
 def _thermal16(h=24, w=32) -> np.ndarray:
     return RNG.integers(7000, 9000, (h, w), dtype=np.uint16)  # a narrow 16-bit range, as cameras give
+
+
+def _one(kind: str, sample: dict, **kw) -> dict:
+    """One processed sample as a batch of one, with the list fields unwrapped."""
+    batch = collate([process(kind, sample, PipelineConfig(image_size=16), seed=0, **kw)])
+    return {k: v[0] for k, v in batch.items()}
 
 
 def _samples(out: Path) -> list[dict]:
@@ -84,7 +90,7 @@ def test_write_fusion_reports_skips_and_keeps_16_bit(ivif_folders, tmp_path):
     assert decode_image(s1["img2.png"]).dtype == np.uint16  # TIFF re-encoded as 16-bit PNG
     assert json.loads(s1["json"])["ranges"]["img2"][0] >= 7000
     assert "img1.jpg" in next(s for s in samples if s["__key__"] == "00004")  # JPEG stored as is
-    row = process("fusion", s1, PipelineConfig(image_size=16), seed=0)
+    row = _one("fusion", s1)
     assert row["meta"]["target_source"] == "fallback:mean_y" and row["images"].shape == (2, 3, 16, 16)
 
 
@@ -97,7 +103,7 @@ def test_write_fusion_with_targets_and_instruction(tmp_path):
     assert report.written == 2 and not report.skipped
     s = _samples(tmp_path / "o")[0]
     assert "target.png" in s and json.loads(s["json"])["instruction"] == "Fuse them."
-    row = process("fusion", s, PipelineConfig(image_size=16), seed=0)
+    row = _one("fusion", s)
     assert row["prompt"].endswith("Fuse them.") and row["meta"]["target_source"] == "shard"
 
 
@@ -126,7 +132,7 @@ def test_write_seg_lists_present_classes(tmp_path):
     metas = {s["__key__"]: json.loads(s["json"]) for s in _samples(tmp_path / "o")}
     assert metas["0"]["classes"] == {"0": "background", "1": "car"}
     s = next(s for s in _samples(tmp_path / "o") if s["__key__"] == "0")
-    row = process("seg", s, PipelineConfig(image_size=16), seed=0, train=False)
+    row = _one("seg", s, train=False)
     assert row["meta"]["seg_class"] == "car" and "the car in the image" in row["prompt"]
     assert row["mask"].any()
 
@@ -141,7 +147,7 @@ def test_write_control_needs_a_subtask(tmp_path):
                            subtasks={"p": "LIGHT+"}, progress=False)
     assert report.written == 1 and report.skipped["no subtask in map"] == ["q"]
     s = _samples(tmp_path / "o")[0]
-    row = process("control", s, PipelineConfig(image_size=16), seed=0)
+    row = _one("control", s)
     assert row["subtask"] == "LIGHT+" and "<LIGHT+>" in row["prompt"]
     assert torch.equal(row["target"], row["control_base"])  # pre-made: the shard target is final
 

@@ -1,0 +1,136 @@
+"""Data throughput: the mixed training stream at 512x512, and M3 pairs/s against a per-block loop.
+
+    python benchmarks/data_throughput.py [--workers 2] [--batches 30] [--pairs 20]
+
+1. Mixed stream: demo-style shards with 576 px images (built in a temporary folder), default ratios
+   and M3 settings, `DiTFuseDataModule(image_size=512, num_workers=2)`; samples/s after the first
+   batch (worker start-up excluded). Floor from issue 2: >= 10 samples/s on a 2-core machine.
+2. M3: `datamodules.m3.m3_pair` (vectorised torch) vs a per-block loop with OpenCV ops written the
+   way the official make_M3_data.py does it (Python loop over blocks, cv2 filter per block), both
+   single-threaded as in a DataLoader worker, same block sizes and op mix, at 512 and 1024 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from datamodules import DiTFuseDataModule  # noqa: E402
+from datamodules.demo import build_demo  # noqa: E402
+from datamodules.m3 import M3Config, m3_pair  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# baseline: per-block loop with OpenCV, in the style of the official make_M3_data.py
+# ---------------------------------------------------------------------------------------------
+def _degrade_block(block: np.ndarray, op: str, rng: np.random.Generator) -> np.ndarray:
+    if op == "mask":
+        return rng.integers(0, 256, block.shape, dtype=np.uint8)
+    if op == "blur":
+        k = int(rng.choice([3, 5, 7, 9, 11]))
+        kind = rng.choice(["gaussian", "box", "median"])
+        if kind == "gaussian":
+            return cv2.GaussianBlur(block, (k, k), float(rng.uniform(0.8, 3.0)))
+        if kind == "box":
+            return cv2.blur(block, (k, k))
+        return cv2.medianBlur(block, k)
+    if rng.random() < 0.5:
+        noisy = block.astype(np.float32) + rng.normal(0, rng.uniform(10, 35), block.shape)
+        return np.clip(noisy, 0, 255).astype(np.uint8)
+    out = block.copy()
+    p = rng.uniform(0.01, 0.03)
+    u = rng.random(block.shape[:2])
+    out[u < p / 2] = 0
+    out[u > 1 - p / 2] = 255
+    return out
+
+
+def m3_loop_baseline(img: np.ndarray, rng: np.random.Generator, block_sizes=(16, 32, 64),
+                     both_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """img (H, W, 3) uint8 -> two views; one Python iteration and cv2 call(s) per block."""
+    b = int(rng.choice(block_sizes))
+    h, w = img.shape[:2]
+    v1, v2 = img.copy(), img.copy()
+    for y in range(0, h, b):
+        for x in range(0, w, b):
+            op = rng.choice(["mask", "blur", "noise"])
+            block = img[y:y + b, x:x + b]
+            if rng.random() < both_fraction:
+                v1[y:y + b, x:x + b] = _degrade_block(block, op, rng)
+                v2[y:y + b, x:x + b] = _degrade_block(block, op, rng)
+            elif rng.random() < 0.5:
+                v1[y:y + b, x:x + b] = _degrade_block(block, op, rng)
+            else:
+                v2[y:y + b, x:x + b] = _degrade_block(block, op, rng)
+    return v1, v2
+
+
+# ---------------------------------------------------------------------------------------------
+def bench_m3(size: int, pairs: int) -> tuple[float, float]:
+    from skimage import data
+
+    photo = cv2.resize(data.astronaut(), (size, size), interpolation=cv2.INTER_CUBIC)
+    x = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    cfg = M3Config()
+    m3_pair(x, cfg, seed=0, key="warm-up")
+    t = time.perf_counter()
+    for i in range(pairs):
+        m3_pair(x, cfg, seed=0, key=str(i))
+    ours = pairs / (time.perf_counter() - t)
+    rng = np.random.default_rng(0)
+    m3_loop_baseline(photo, rng)
+    t = time.perf_counter()
+    for _ in range(pairs):
+        m3_loop_baseline(photo, rng)
+    base = pairs / (time.perf_counter() - t)
+    return ours, base
+
+
+def bench_stream(root: Path, workers: int, batches: int, batch_size: int) -> float:
+    dm = DiTFuseDataModule(demo_dir=str(root), image_size=512, batch_size=batch_size, num_workers=workers,
+                           batches_per_epoch=batches + 1)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)  # worker start-up and first shard reads
+    t = time.perf_counter()
+    n = sum(len(b["kind"]) for b in it)
+    rate = n / (time.perf_counter() - t)
+    print(f"  realized mix over {sum(dm.mix_counts.values())} samples: "
+          + ", ".join(f"{k}={v:.2f}" for k, v in dm.mix_shares().items()))
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=20)
+    a = ap.parse_args()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    cv2.setNumThreads(1)
+    print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {torch.get_num_threads()} thread(s)")
+    for size in (512, 1024):
+        ours, base = bench_m3(size, a.pairs if size == 512 else max(1, a.pairs // 4))
+        print(f"M3 {size}x{size}: vectorised torch {ours:6.2f} pairs/s | per-block OpenCV loop {base:6.2f} pairs/s "
+              f"| ratio {ours / base:.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        build_demo(tmp, crop=576, scale=0.1)
+        print(f"built 576 px shards in {time.perf_counter() - t:.1f} s")
+        rate = bench_stream(Path(tmp), a.workers, a.batches, a.batch_size)
+        print(f"mixed stream 512x512, {a.workers} workers, batch {a.batch_size}: {rate:.1f} samples/s "
+              f"(floor 10)")
+
+
+if __name__ == "__main__":
+    main()
