@@ -1,0 +1,332 @@
+"""`ditfuse eval`: fusion metric table over image1/image2/fused folders.
+
+Images are matched by file stem across the folders and read as OpenCV reads them
+(`cv2.imread(IMREAD_COLOR)`, BGR; RoadScene's JPEGs then decode as in published tables), then
+scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (../shared/docs/METRICS.md), image 1
+as source A and image 2 as source B. Output: one row per image, a mean row (NaN propagates, as
+in the evaluator's sums), optional baseline rows (pixelwise mean / max fusion of the same gray
+pairs: on infrared-visible sets max fusion out-scores published methods on MI, VIF and Qabf),
+the convention, and every stem that could not be scored, with the reason.
+
+    ditfuse eval --image1-dir ir --image2-dir vi --fused-dir out --baselines mean,max
+    ditfuse eval ... --format json --out metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ditfuse import metrics as fm
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FORMATS = ("md", "csv", "json")
+BASELINES = ("mean", "max")
+REF_SUFFIX = "_ref"  # PSNR_ref / SSIM_ref: against --reference-dir
+
+
+class EvalError(Exception):
+    """A problem the user fixes by changing an option or a file; printed as one line."""
+
+
+@dataclass
+class Report:
+    """Everything `ditfuse eval` prints: rows keyed by stem, then column name."""
+
+    columns: list[str]
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    baselines: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # name -> stem -> row
+    skipped: dict[str, str] = field(default_factory=dict)  # stem -> reason
+    notes: list[str] = field(default_factory=list)
+
+    def mean(self, rows: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Column means over rows; a NaN anywhere makes that column's mean NaN."""
+        cols = [c for c in self.columns if any(c in r for r in rows.values())]
+        return {c: math.fsum(r.get(c, math.nan) for r in rows.values()) / len(rows) for c in cols} if rows else {}
+
+
+# --------------------------------------------------------------------------- reading & matching
+
+
+def index_folder(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """stem -> image path in folder, plus stems that are ambiguous (two image files)."""
+    if not folder.is_dir():
+        raise EvalError(f"{folder} is not a folder")
+    found: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            found.setdefault(p.stem, []).append(p)
+    return {s: ps[0] for s, ps in found.items() if len(ps) == 1}, sorted(s for s, ps in found.items() if len(ps) > 1)
+
+
+def match_stems(folders: dict[str, Path]) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+    """Stems present (once) in every folder -> {label: path}; the others -> why they are skipped."""
+    indexed = {label: index_folder(path) for label, path in folders.items()}
+    skipped: dict[str, str] = {}
+    for label, (_, dupes) in indexed.items():
+        for s in dupes:
+            skipped[s] = f"ambiguous in {label} (several image files)"
+    every = set().union(*(found for found, _ in indexed.values())) - set(skipped)
+    matched: dict[str, dict[str, Path]] = {}
+    for stem in sorted(every):
+        missing = [label for label, (found, _) in indexed.items() if stem not in found]
+        if missing:
+            skipped[stem] = "missing in " + ", ".join(missing)
+        else:
+            matched[stem] = {label: found[stem] for label, (found, _) in indexed.items()}
+    return matched, dict(sorted(skipped.items()))
+
+
+def read_rgb(path: Path) -> Tensor | None:
+    """(1, 3, H, W) uint8 RGB, decoded by OpenCV like the evaluator (IMREAD_COLOR), or None."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        return None
+    return torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1)[None]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def baseline_fusions(a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Pixelwise mean (rounded half to even) and max of the gray pair: (1, 1, H, W) each."""
+    ga, gb = fm.to_gray(a), fm.to_gray(b)  # (1, H, W) float64, integer-valued
+    return {"mean": torch.round((ga + gb) / 2)[:, None], "max": torch.maximum(ga, gb)[:, None]}
+
+
+def _row(values: dict[str, Tensor]) -> dict[str, float]:
+    return {k: float(v[0]) for k, v in values.items()}
+
+
+def score_image(
+    images: dict[str, Tensor], names: list[str], iqa: dict[str, Callable[[Tensor], Tensor]], baselines: list[str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """One stem's row and its baseline rows. images: label -> (1, 3, H, W) on the compute device."""
+    a, b, ref = images["image1"], images["image2"], images.get("reference")
+    fusions = {name: f for name, f in baseline_fusions(a, b).items() if name in baselines}
+    rows: dict[str, dict[str, float]] = {}
+    for name, f in [("fused", images.get("fused")), *fusions.items()]:
+        if f is None:
+            continue
+        row = _row(fm.compute_fusion_metrics(a, b, f, names))
+        if ref is not None:
+            row.update({k + REF_SUFFIX: v for k, v in _row(fm.reference_metrics(ref, f)).items()})
+        if name == "fused":
+            row.update({k.upper(): float(fn(f.float() / 255)[0]) for k, fn in iqa.items()})
+        rows[name] = row
+    return rows.pop("fused", {}), rows
+
+
+def _load(paths: dict[str, Path], device: torch.device) -> dict[str, Tensor]:
+    images = {}
+    for label, path in paths.items():
+        img = read_rgb(path)
+        if img is None:
+            raise EvalError(f"OpenCV cannot read {path}")
+        images[label] = img.to(device)
+    shapes = {label: tuple(img.shape[-2:]) for label, img in images.items()}
+    if len(set(shapes.values())) > 1:
+        raise EvalError("sizes differ: " + ", ".join(f"{k} {h}x{w}" for k, (h, w) in shapes.items()))
+    return images
+
+
+def evaluate(args: argparse.Namespace) -> Report:
+    """Score every matched stem; unreadable or mismatched images are skipped with a reason."""
+    names = fm.resolve_names(args.metrics)
+    baselines = _parse_baselines(args.baselines)
+    folders = {"image1": args.image1_dir, "image2": args.image2_dir}
+    if args.fused_dir is not None:
+        folders["fused"] = args.fused_dir
+    matched, skipped = match_stems(folders)
+    refs, ref_dupes = index_folder(args.reference_dir) if args.reference_dir else ({}, [])
+    iqa = _build_iqa(args)
+    report = Report(columns=_columns(args, names, iqa), skipped=skipped)
+    device = torch.device(args.device)
+    for stem, paths in matched.items():
+        if args.reference_dir is not None:
+            if stem in refs:
+                paths = {**paths, "reference": refs[stem]}
+            else:
+                report.notes.append(f"{stem}: no reference image" + (" (ambiguous)" if stem in ref_dupes else ""))
+        try:
+            row, base = score_image(_load(paths, device), names, iqa, baselines)
+        except (EvalError, ValueError) as exc:
+            report.skipped[stem] = str(exc)
+            continue
+        if args.fused_dir is not None:
+            report.per_image[stem] = row
+        for name, brow in base.items():
+            report.baselines.setdefault(name, {})[stem] = brow
+    if not report.per_image and not report.baselines:
+        raise EvalError(f"no image could be scored ({len(report.skipped)} stems skipped: "
+                        + "; ".join(f"{s}: {r}" for s, r in list(report.skipped.items())[:5]) + ")")
+    return report
+
+
+def _columns(args: argparse.Namespace, names: list[str], iqa: dict) -> list[str]:
+    cols = list(names)
+    if args.reference_dir is not None:
+        cols += [n + REF_SUFFIX for n in fm.REFERENCE_NAMES]
+    return cols + [k.upper() for k in iqa]
+
+
+def _parse_baselines(value: str | None) -> list[str]:
+    chosen = [v.strip().lower() for v in (value or "").split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in BASELINES]
+    if unknown:
+        raise EvalError(f"unknown baseline(s) {unknown}; choose from {','.join(BASELINES)}")
+    return [b for b in BASELINES if b in chosen]
+
+
+def _build_iqa(args: argparse.Namespace) -> dict[str, Callable[[Tensor], Tensor]]:
+    """CLIPIQA/MANIQA scorers from --iqa-weights through ditfuse.iqa (imported only when asked)."""
+    if args.iqa_weights is None:
+        return {}
+    try:
+        from ditfuse.iqa import build_iqa_metrics
+    except ImportError as exc:
+        raise EvalError(f"--iqa-weights needs ditfuse.iqa and pyiqa (pip install 'ditfuse[iqa]'): {exc}") from exc
+    kwargs = {} if args.maniqa_crops is None else {"maniqa_crops": args.maniqa_crops}
+    names = tuple(n.strip().lower() for n in args.iqa_names.split(",") if n.strip())
+    try:
+        return build_iqa_metrics(weights_dir=args.iqa_weights, names=names, required=True, device=args.device, **kwargs)
+    except (OSError, ImportError, RuntimeError, ValueError) as exc:
+        raise EvalError(f"IQA metrics: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def to_json(report: Report, args: argparse.Namespace) -> str:
+    """{"convention", "per_image": {stem: {metric: v}}, "mean", "baselines": {name: mean row}, ...}.
+
+    NaN and inf are written as JSON's NaN / Infinity literals (Python's json reads them back).
+    """
+    out = {
+        "convention": fm.CONVENTION,
+        "columns": report.columns,
+        "per_image": report.per_image,
+        "mean": report.mean(report.per_image),
+        "baselines": {name: report.mean(rows) for name, rows in report.baselines.items()},
+        "n_images": len(report.per_image),
+        "skipped": report.skipped,
+        "notes": report.notes,
+        "folders": {k: str(v) for k, v in _folders(args).items()},
+    }
+    if args.reference_dir is not None:
+        out["reference_convention"] = fm.REFERENCE_CONVENTION
+    return json.dumps(out, indent=2) + "\n"
+
+
+def _summary_rows(report: Report) -> list[tuple[str, dict[str, float]]]:
+    rows = list(report.per_image.items())
+    if report.per_image:
+        rows.append(("mean", report.mean(report.per_image)))
+    rows += [(f"baseline:{name}", report.mean(r)) for name, r in report.baselines.items()]
+    return rows
+
+
+def to_csv(report: Report) -> str:
+    """A '# convention=...' comment line, a header, one row per image, mean and baseline rows."""
+    buf = io.StringIO()
+    buf.write(f"# convention={fm.CONVENTION}\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *report.columns])
+    for label, row in _summary_rows(report):
+        writer.writerow([label, *(format(row[c], ".10g") if c in row else "" for c in report.columns)])
+    return buf.getvalue()
+
+
+def to_markdown(report: Report, args: argparse.Namespace) -> str:
+    fmt = lambda v: "nan" if math.isnan(v) else f"{v:.4f}"  # noqa: E731
+    lines = [f"Convention: {fm.CONVENTION} (METRICS.md); {len(report.per_image)} images; "
+             + ", ".join(f"{k}={v}" for k, v in _folders(args).items()), ""]
+    lines += ["| image | " + " | ".join(report.columns) + " |", "|---|" + "---:|" * len(report.columns)]
+    for label, row in _summary_rows(report):
+        label = f"**{label}**" if label == "mean" else label
+        lines.append(f"| {label} | " + " | ".join(fmt(row[c]) if c in row else "-" for c in report.columns) + " |")
+    if args.reference_dir is not None:
+        lines += ["", f"*{REF_SUFFIX}: against --reference-dir, convention {fm.REFERENCE_CONVENTION}"]
+    if report.skipped:
+        lines += ["", f"Skipped ({len(report.skipped)}):"] + [f"- {s}: {r}" for s, r in report.skipped.items()]
+    lines += [f"- note: {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _folders(args: argparse.Namespace) -> dict[str, Path]:
+    keys = ("image1_dir", "image2_dir", "fused_dir", "reference_dir")
+    return {k.removesuffix("_dir"): getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ditfuse eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image1-dir", type=Path, required=True, help="source A (e.g. infrared)")
+    p.add_argument("--image2-dir", type=Path, required=True, help="source B (e.g. visible)")
+    p.add_argument("--fused-dir", type=Path, help="fused images (optional with --baselines)")
+    p.add_argument("--metrics", help=f"comma list from {','.join(fm.METRIC_NAMES)} (default: all)")
+    p.add_argument("--format", choices=FORMATS, help="default: from --out's suffix, else md")
+    p.add_argument("--out", type=Path, help="write here instead of stdout (never overwritten without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--reference-dir", type=Path, help="ground truth: adds PSNR_ref/SSIM_ref columns")
+    p.add_argument("--baselines", help="comma list from mean,max: rows for those fusions of the same pairs")
+    p.add_argument("--iqa-weights", type=Path, help="pyiqa-style weights folder: adds CLIPIQA/MANIQA columns")
+    p.add_argument("--iqa-names", default="clipiqa,maniqa", help="IQA metrics with --iqa-weights")
+    p.add_argument("--maniqa-crops", type=int, help="MANIQA crops per image (pyiqa default 20; cost is linear)")
+    p.add_argument("--device", default="cpu", help="torch device for the metrics (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a busy shared CPU)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """Validate before any work; returns the output format."""
+    if args.fused_dir is None and not args.baselines:
+        raise EvalError("give --fused-dir, or --baselines to score only baseline fusions")
+    fm.resolve_names(args.metrics)  # unknown names fail here, not after reading images
+    _parse_baselines(args.baselines)
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise EvalError(f"{args.out} exists; pass --overwrite to replace it or choose another --out")
+    suffix = args.out.suffix.lower().lstrip(".") if args.out is not None else ""
+    return args.format or (suffix if suffix in FORMATS else "md")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        fmt = _check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = evaluate(args)
+    except (EvalError, ValueError) as exc:
+        print(f"ditfuse eval: {exc}", file=sys.stderr)
+        return 2
+    text = {"md": lambda: to_markdown(report, args), "csv": lambda: to_csv(report),
+            "json": lambda: to_json(report, args)}[fmt]()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w" if args.overwrite else "x") as fh:
+            fh.write(text)
+        print(f"ditfuse eval: wrote {args.out} ({len(report.per_image)} images, {len(report.skipped)} skipped)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

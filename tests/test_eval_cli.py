@@ -1,0 +1,205 @@
+"""`ditfuse eval`: stem matching, table layouts, baselines, no-overwrite, the IQA hook."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ditfuse import cli, evaluate
+from ditfuse.metrics import CONVENTION, METRIC_NAMES, compute_fusion_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner OpenMP threads oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _img(seed: int, h: int = 48, w: int = 64, gray: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 128 + 90 * np.sin(xx / (5 + seed) + yy / 9) + rng.normal(0, 10, (h, w))
+    img = np.clip(base if gray else np.stack([base, base[::-1], base[:, ::-1]], -1), 0, 255)
+    return img.astype(np.uint8)
+
+
+@pytest.fixture()
+def folders(tmp_path: Path) -> dict[str, Path]:
+    """ir (gray PNG), vi (colour PNG/JPEG), fused: stems a, b, c; 'extra' only in ir, 'c' not fused."""
+    dirs = {k: tmp_path / k for k in ("ir", "vi", "fused")}
+    for d in dirs.values():
+        d.mkdir()
+    for i, stem in enumerate(["a", "b", "c"]):
+        cv2.imwrite(str(dirs["ir"] / f"{stem}.png"), _img(i, gray=True))
+        cv2.imwrite(str(dirs["vi"] / f"{stem}.{'jpg' if stem == 'b' else 'png'}"), _img(10 + i))
+        if stem != "c":
+            cv2.imwrite(str(dirs["fused"] / f"{stem}.png"), _img(20 + i))
+    cv2.imwrite(str(dirs["ir"] / "extra.png"), _img(5, gray=True))
+    return dirs
+
+
+def _args(d: dict[str, Path], *extra: str) -> list[str]:
+    return ["--image1-dir", str(d["ir"]), "--image2-dir", str(d["vi"]), "--fused-dir", str(d["fused"]), *extra]
+
+
+def _direct(d: dict[str, Path], stem: str) -> dict[str, float]:
+    def read(folder: Path) -> torch.Tensor:
+        (p,) = folder.glob(f"{stem}.*")
+        return torch.from_numpy(cv2.imread(str(p))[..., ::-1].copy()).permute(2, 0, 1)[None]
+
+    return {k: float(v[0]) for k, v in compute_fusion_metrics(read(d["ir"]), read(d["vi"]), read(d["fused"])).items()}
+
+
+def test_json_layout_values_and_skipped_stems(folders, tmp_path):
+    out = tmp_path / "m.json"
+    assert cli.main(["eval", *_args(folders, "--out", str(out))]) == 0  # format from the suffix
+    rep = json.loads(out.read_text())
+    assert rep["convention"] == CONVENTION == "mmif-cddfuse"
+    assert set(rep["per_image"]) == {"a", "b"} and rep["n_images"] == 2
+    assert rep["skipped"] == {"c": "missing in fused", "extra": "missing in image2, fused"}
+    for stem in ("a", "b"):
+        direct = _direct(folders, stem)
+        assert list(rep["per_image"][stem]) == list(METRIC_NAMES)
+        assert all(rep["per_image"][stem][k] == pytest.approx(direct[k], rel=1e-12) for k in METRIC_NAMES)
+    for k in METRIC_NAMES:
+        assert rep["mean"][k] == pytest.approx((rep["per_image"]["a"][k] + rep["per_image"]["b"][k]) / 2)
+
+
+def test_markdown_and_csv(folders, capsys):
+    assert evaluate.main(_args(folders, "--metrics", "en,SSIM,Qabf")) == 0
+    md = capsys.readouterr().out
+    assert f"Convention: {CONVENTION}" in md and "| image | EN | Qabf | SSIM |" in md
+    assert md.count("\n| a |") == 1 and "| **mean** |" in md and "- c: missing in fused" in md
+    assert evaluate.main(_args(folders, "--metrics", "EN,SD", "--format", "csv")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# convention={CONVENTION}" and lines[1] == "image,EN,SD"
+    assert [ln.split(",")[0] for ln in lines[2:]] == ["a", "b", "mean"]
+    assert float(lines[2].split(",")[1]) == pytest.approx(_direct(folders, "a")["EN"], rel=1e-9)
+
+
+def test_out_is_never_overwritten_without_flag(folders, tmp_path, capsys):
+    out = tmp_path / "table.md"
+    out.write_text("keep me")
+    assert evaluate.main(_args(folders, "--out", str(out))) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "keep me"
+    assert evaluate.main(_args(folders, "--out", str(out), "--overwrite", "--metrics", "EN")) == 0
+    assert out.read_text().startswith(f"Convention: {CONVENTION}")
+
+
+def test_nan_stays_nan(folders, tmp_path):
+    for stem in ("a", "b"):  # fused == image 1: SCD's r(B, F - A) is undefined
+        (folders["fused"] / f"{stem}.png").write_bytes((folders["ir"] / f"{stem}.png").read_bytes())
+    out = tmp_path / "m.json"
+    assert evaluate.main(_args(folders, "--out", str(out), "--metrics", "SCD,CC")) == 0
+    rep = json.loads(out.read_text())
+    assert math.isnan(rep["per_image"]["a"]["SCD"]) and math.isnan(rep["mean"]["SCD"])
+    assert not math.isnan(rep["mean"]["CC"])
+
+
+def test_baselines_rows_and_baseline_only_mode(folders, tmp_path):
+    out = tmp_path / "m.json"
+    assert evaluate.main(_args(folders, "--baselines", "max,mean", "--out", str(out), "--metrics", "EN,MI")) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["baselines"]) == {"mean", "max"} and set(rep["baselines"]["max"]) == {"EN", "MI"}
+    # a max-fusion folder scores exactly like the max baseline row
+    maxdir = folders["fused"].parent / "maxfused"
+    maxdir.mkdir()
+    for stem in ("a", "b"):
+        a = cv2.imread(str(folders["ir"] / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
+        b = np.round(cv2.cvtColor(cv2.imread(str(next(folders["vi"].glob(f"{stem}.*")))).astype(np.float32),
+                                  cv2.COLOR_BGR2GRAY)).astype(np.uint8)
+        cv2.imwrite(str(maxdir / f"{stem}.png"), np.maximum(a, b))
+    out2 = tmp_path / "m2.json"
+    args = ["--image1-dir", str(folders["ir"]), "--image2-dir", str(folders["vi"]), "--fused-dir", str(maxdir)]
+    assert evaluate.main([*args, "--out", str(out2), "--metrics", "EN,MI"]) == 0
+    assert json.loads(out2.read_text())["mean"] == pytest.approx(rep["baselines"]["max"], rel=1e-12)
+    out3 = tmp_path / "m3.json"  # no fused folder: baselines over the matched pairs only
+    assert evaluate.main([*args[:4], "--baselines", "mean", "--out", str(out3)]) == 0
+    rep3 = json.loads(out3.read_text())
+    assert rep3["per_image"] == {} and set(rep3["baselines"]) == {"mean"}
+
+
+def test_reference_dir_columns(folders, tmp_path):
+    out = tmp_path / "m.json"
+    assert evaluate.main(_args(folders, "--reference-dir", str(folders["fused"]), "--metrics", "EN",
+                               "--out", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert rep["columns"] == ["EN", "PSNR_ref", "SSIM_ref"] and rep["reference_convention"] == "gray-peak255"
+    assert rep["per_image"]["a"]["PSNR_ref"] == math.inf and rep["per_image"]["a"]["SSIM_ref"] == pytest.approx(1.0)
+
+
+def test_bad_options_are_one_line_errors(folders, capsys):
+    assert evaluate.main(_args(folders, "--metrics", "EN,NIQE")) == 2
+    assert "unknown metric" in capsys.readouterr().err
+    assert evaluate.main(_args(folders, "--baselines", "median")) == 2
+    assert "unknown baseline" in capsys.readouterr().err
+    assert evaluate.main(["--image1-dir", str(folders["ir"]), "--image2-dir", str(folders["vi"])]) == 2
+    assert "--fused-dir" in capsys.readouterr().err
+    empty = folders["fused"].parent / "empty"
+    empty.mkdir()
+    assert evaluate.main(_args({**folders, "fused": empty})) == 2
+    assert "no image could be scored" in capsys.readouterr().err
+
+
+def test_size_mismatch_is_skipped_not_fatal(folders, tmp_path):
+    cv2.imwrite(str(folders["fused"] / "b.png"), _img(3, h=50))
+    out = tmp_path / "m.json"
+    assert evaluate.main(_args(folders, "--metrics", "EN", "--out", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["per_image"]) == {"a"} and "sizes differ" in rep["skipped"]["b"]
+
+
+def test_iqa_hook_calls_ditfuse_iqa(folders, tmp_path, monkeypatch):
+    calls = {}
+
+    def build_iqa_metrics(weights_dir, names, required, device, **kw):
+        calls.update(weights_dir=weights_dir, names=names, required=required, device=device, **kw)
+        return {n: (lambda x: x.mean((1, 2, 3))) for n in names}  # (N, 3, H, W) in [0, 1] -> (N,)
+
+    monkeypatch.setitem(sys.modules, "ditfuse.iqa", types.SimpleNamespace(build_iqa_metrics=build_iqa_metrics))
+    out = tmp_path / "m.json"
+    assert evaluate.main(_args(folders, "--metrics", "EN", "--iqa-weights", str(tmp_path), "--maniqa-crops", "2",
+                               "--out", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert calls == dict(weights_dir=tmp_path, names=("clipiqa", "maniqa"), required=True, device="cpu",
+                         maniqa_crops=2)
+    fused = cv2.imread(str(folders["fused"] / "a.png")).astype(np.float64) / 255
+    assert rep["columns"] == ["EN", "CLIPIQA", "MANIQA"]
+    assert rep["per_image"]["a"]["MANIQA"] == pytest.approx(fused.mean(), rel=1e-6)
+
+
+def test_iqa_hook_reports_a_missing_module_in_one_line(folders, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ditfuse.iqa", None)  # import fails
+    assert evaluate.main(_args(folders, "--iqa-weights", "/nonexistent")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--iqa-weights needs ditfuse.iqa" in err
+
+
+def test_real_roadscene_pairs_max_baseline_equals_max_folder(ivif_dir, tmp_path):
+    """Two RoadScene pairs (JPEG, decoded by OpenCV): the shared max/ folder scores like --baselines max."""
+    root = ivif_dir / "RoadScene"
+    stems = sorted(p.stem for p in (root / "ir").iterdir())[:2]
+    dirs = {}
+    for sub in ("ir", "vi", "max"):
+        dirs[sub] = tmp_path / sub
+        dirs[sub].mkdir()
+        for stem in stems:
+            (src,) = (root / sub).glob(f"{stem}.*")
+            (dirs[sub] / src.name).symlink_to(src)
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--image1-dir", str(dirs["ir"]), "--image2-dir", str(dirs["vi"]), "--fused-dir",
+                          str(dirs["max"]), "--baselines", "max", "--metrics", "EN,SD,SF,MI,SCD,Qabf,SSIM",
+                          "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n_images"] == 2 and rep["mean"] == pytest.approx(rep["baselines"]["max"], rel=1e-12)
