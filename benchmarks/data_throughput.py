@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from datamodules import DiTFuseDataModule  # noqa: E402
-from datamodules.demo import build_demo  # noqa: E402
-from datamodules.m3 import M3Config, m3_pair  # noqa: E402
+from datamodules import DiTFuseDataModule
+from datamodules.demo import build_demo
+from datamodules.m3 import M3Config, m3_pair
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,16 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 from datamodules.io import ImageReadError, decode_image
-from datamodules.schema import KINDS, SchemaError, ShardReadError, check_sample, image_field, iter_tar
+from datamodules.schema import (
+    KINDS,
+    SchemaError,
+    ShardReadError,
+    check_sample,
+    image_field,
+    iter_tar,
+)
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 _SHARD_RE = re.compile(r"^(?P<kind>[a-z0-9]+)-\d{6}\.tar$")
 

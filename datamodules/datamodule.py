@@ -11,19 +11,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ditfuse.prompts import CONTROL_SUBTASKS, TASKS
 from datamodules.demo import build_demo, demo_ready, demo_shards
 from datamodules.m3 import M3Config
 from datamodules.mixing import MixedStream, StreamSpec, ValidationSet
 from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
+from ditfuse.prompts import CONTROL_SUBTASKS, TASKS
 
 ShardSpec = str | list[str]
 
@@ -217,7 +216,9 @@ class DiTFuseDataModule(L.LightningDataModule):
         total = sum(self.mix_counts.values())
         return {k: (self.mix_counts[k] / total if total else 0.0) for k in self.ratios}
 
-    def target_shares(self) -> dict[str, float]:
+    @property
+    def normalized_ratios(self) -> dict[str, float]:
+        """The configured ratios normalised to sum to 1 (what `mix_shares` should approach)."""
         total = sum(self.ratios.values())
         return {k: w / total for k, w in self.ratios.items()}
 
@@ -265,4 +266,4 @@ def _check_positive(**values: int) -> None:
         raise ValueError(f"image_size must be a multiple of 16 (the DiT patch grid), got {values['image_size']}")
 
 
-__all__ = ["DiTFuseDataModule", "DEFAULT_RATIOS", "TASKS"]
+__all__ = ["DEFAULT_RATIOS", "TASKS", "DiTFuseDataModule"]

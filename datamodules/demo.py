@@ -22,10 +22,10 @@ import numpy as np
 from skimage import data as skdata
 from skimage.draw import random_shapes
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 from datamodules.io import encode_png
 from datamodules.schema import KINDS
 from datamodules.writers import json_bytes, write_samples
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 # cat == chelsea in skimage: never split them apart
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "colorwheel", "camera",

@@ -234,7 +234,7 @@ def _blur_tiles(tiles: Tensor, p: _BlockParams, b: int, halo: int) -> Tensor:
 
 def _noise_tiles(tiles: Tensor, p: _BlockParams, g: torch.Generator) -> Tensor:
     """Gaussian or salt-and-pepper noise per tile, (n, C, b, b) in [0, 1]."""
-    n, c, b, _ = tiles.shape
+    _, c, b, _ = tiles.shape
     out = tiles.clone()
     gauss = (p.noise_kind == NOISES.index("gaussian")).nonzero().flatten()
     if len(gauss):
@@ -291,7 +291,8 @@ def m3_views(clean: Tensor, cfg: M3Config, g: torch.Generator) -> M3Result:
         raise ValueError(f"m3 expects one (C, H, W) image, got shape {tuple(clean.shape)}")
     clean = clean.float().contiguous()
     _, h, w = clean.shape
-    sizes = torch.tensor(cfg.block_sizes)
+    # blocks larger than the image would make one whole-image block: draw among those that fit
+    sizes = torch.tensor([b for b in cfg.block_sizes if b <= min(h, w)] or [min(cfg.block_sizes)])
     b = int(sizes[torch.randint(len(sizes), (1,), generator=g)])
     gh, gw = -(-h // b), -(-w // b)
     nb = gh * gw

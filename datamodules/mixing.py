@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ditfuse.prompts import TASKS
 from datamodules.io import ImageReadError
 from datamodules.m3 import seed_for
 from datamodules.pipelines import PipelineConfig, collate, process
 from datamodules.schema import SchemaError, ShardReadError, iter_tar, sample_json
+from ditfuse.prompts import TASKS
 
 # what a bad sample raises while decoding/processing (anything else is a bug and propagates)
 BAD_SAMPLE_ERRORS = (SchemaError, ImageReadError, ShardReadError, KeyError, ValueError, RuntimeError)

@@ -14,11 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS, build_prompt, instruction_for
 from datamodules.io import decode_image, float01, to_raw_tensor
 from datamodules.m3 import M3Config, m3_views, seed_for
 from datamodules.schema import NOT_A_CLASS, SchemaError, check_sample, image_field
-from datamodules.targets import IVIF_FALLBACKS, SEG_ALPHA, SEG_COLOR, ControlConfig, control_op, ivif_fallback, seg_overlay
+from datamodules.targets import (
+    IVIF_FALLBACKS,
+    SEG_ALPHA,
+    SEG_COLOR,
+    ControlConfig,
+    control_op,
+    ivif_fallback,
+    seg_overlay,
+)
+from ditfuse.prompts import (
+    CONTROL_SUBTASKS,
+    FUSION_TASKS,
+    build_prompt,
+    instruction_for,
+)
 
 
 @dataclass

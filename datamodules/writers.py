@@ -20,9 +20,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
-from datamodules.io import IMAGE_EXTS, ImageReadError, encode_png, read_image, value_range
+from datamodules.io import (
+    IMAGE_EXTS,
+    ImageReadError,
+    encode_png,
+    read_image,
+    value_range,
+)
 from datamodules.schema import NOT_A_CLASS, shard_name
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 
 class TarShardWriter:
@@ -54,7 +60,7 @@ class TarShardWriter:
     def _next(self) -> None:
         self.close()
         path = self.out / shard_name(self.kind, len(self.paths))
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in close()
         self.paths.append(path)
 
     def close(self) -> None:
@@ -62,7 +68,7 @@ class TarShardWriter:
             self._tar.close()
             self._tar = None
 
-    def __enter__(self) -> TarShardWriter:
+    def __enter__(self) -> TarShardWriter:  # noqa: PYI034 - final class, py3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:

@@ -59,8 +59,8 @@ def shards(tmp_path_factory) -> dict[str, str]:
 
 
 def _dm(shards, **kw) -> DiTFuseDataModule:
-    args = dict(shards=shards, image_size=SIZE, batch_size=8, num_workers=0, batches_per_epoch=4,
-                m3_block_sizes=[4, 8], val_shards=shards, val_samples_per_task=4)
+    args = {"shards": shards, "image_size": SIZE, "batch_size": 8, "num_workers": 0, "batches_per_epoch": 4,
+                "m3_block_sizes": [4, 8], "val_shards": shards, "val_samples_per_task": 4}
     args.update(kw)
     dm = DiTFuseDataModule(**args)
     dm.setup("fit")
@@ -227,18 +227,18 @@ def test_a_source_with_only_garbage_stops_with_its_shards(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, setting", [
-    (dict(ratios={"fusion": -1.0}), "ratios"),
-    (dict(ratios={"fusion": 0.0, "m3": 0.0}), "ratios"),
-    (dict(ratios={"video": 1.0}), "ratios"),
-    (dict(shards={"fusion": "x.tar"}, ratios={"fusion": 1.0, "seg": 1.0}), "shards.seg"),
-    (dict(image_size=40), "image_size"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(m3_both_fraction=2.0), "both_fraction"),
-    (dict(control_subtasks={"SHARP+": 1.0}), "control_subtasks"),
-    (dict(max_bad_fraction=-0.1), "max_bad_fraction"),
+    ({"ratios": {"fusion": -1.0}}, "ratios"),
+    ({"ratios": {"fusion": 0.0, "m3": 0.0}}, "ratios"),
+    ({"ratios": {"video": 1.0}}, "ratios"),
+    ({"shards": {"fusion": "x.tar"}, "ratios": {"fusion": 1.0, "seg": 1.0}}, "shards.seg"),
+    ({"image_size": 40}, "image_size"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"m3_both_fraction": 2.0}, "both_fraction"),
+    ({"control_subtasks": {"SHARP+": 1.0}}, "control_subtasks"),
+    ({"max_bad_fraction": -0.1}, "max_bad_fraction"),
 ])
 def test_invalid_config_fails_before_work_naming_the_setting(kwargs, setting):
-    args = dict(shards={k: "none.tar" for k in ("fusion", "m3", "seg", "control")})
+    args = {"shards": {k: "none.tar" for k in ("fusion", "m3", "seg", "control")}}
     args.update(kwargs)
     with pytest.raises(ValueError, match=setting):
         DiTFuseDataModule(**args)
