@@ -10,7 +10,7 @@ The realized mix is counted in the main process as batches are handed to the tra
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -85,11 +85,11 @@ class DiTFuseDataModule(L.LightningDataModule):
         val_samples_per_task: int = 16,
         val_batch_size: int | None = None,
         demo_dir: str | None = None,
-        m3_block_sizes: list[int] = (16, 32, 64),  # type: ignore[assignment]
+        m3_block_sizes: Sequence[int] = (16, 32, 64),
         m3_ops: dict[str, float] | None = None,
         m3_both_fraction: float = 0.25,
         m3_blur_kinds: dict[str, float] | None = None,
-        m3_blur_kernels: list[int] = (3, 5, 7, 9, 11),  # type: ignore[assignment]
+        m3_blur_kernels: Sequence[int] = (3, 5, 7, 9, 11),
         m3_blur_sigma: tuple[float, float] = (0.8, 3.0),
         m3_noise_kinds: dict[str, float] | None = None,
         m3_noise_sigma: tuple[float, float] = (10.0, 35.0),

@@ -248,3 +248,46 @@ def test_missing_shard_files_name_the_setting(tmp_path):
     dm = DiTFuseDataModule(shards={"m3": str(tmp_path / "nothing-*.tar")}, ratios={"m3": 1.0}, image_size=16)
     with pytest.raises(FileNotFoundError, match="shards.m3"):
         dm.setup("fit")
+
+
+def test_control_rows_carry_the_pre_op_base(shards):
+    from datamodules.targets import control_op
+
+    dm = _dm(shards, ratios={"control": 1.0}, batches_per_epoch=1)
+    batch = next(iter(dm.train_dataloader()))
+    for i, sub in enumerate(batch["subtask"]):
+        base, target = (batch["control_base"][i] + 1) / 2, (batch["target"][i] + 1) / 2
+        assert torch.allclose(control_op(base, sub), target, atol=1e-5)
+    assert dm.normalized_ratios == {"control": 1.0}
+
+
+def test_m3_blocks_larger_than_the_crop_are_not_drawn():
+    from datamodules.m3 import M3Config, m3_pair
+
+    r = m3_pair(torch.rand(3, 16, 16), M3Config(block_sizes=(4, 64)), seed=0, key="k")
+    assert r.block_size == 4
+
+
+def test_lightning_trainer_reseeds_each_epoch_and_counts(shards):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.keys: list[list[str]] = []
+
+        def training_step(self, batch, _):
+            self.keys.append(list(batch["key"]))
+            return (self.w - batch["images"].mean()).pow(2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(shards, batches_per_epoch=2)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(probe, datamodule=dm)
+    assert len(probe.keys) == 4 and probe.keys[:2] != probe.keys[2:]
+    assert sum(dm.mix_counts.values()) == 32
