@@ -126,16 +126,24 @@ def inspect(path: str | Path, max_samples: int = 0) -> dict:
         if not match or match["kind"] not in KINDS:
             raise SchemaError(f"{tar}: shard names must be {{kind}}-NNNNNN.tar with kind in {', '.join(KINDS)}")
         kind = match["kind"]
+        group = _group(path, tar, kind)
         for n, sample in enumerate(iter_tar(tar)):
             if max_samples and n >= max_samples:
                 break
             try:
                 meta = check_sample(kind, sample)
-                counts[kind][_task_of(kind, meta)] += 1
-                sizes[kind][_sample_size(sample)] += 1
+                counts[group][_task_of(kind, meta)] += 1
+                sizes[group][_sample_size(sample)] += 1
             except (SchemaError, ImageReadError) as e:
                 raise SchemaError(f"schema violation in {tar} sample {sample['__key__']}: {e}") from e
     return {"shards": len(tars), "counts": counts, "sizes": sizes}
+
+
+def _group(root: Path, tar: Path, kind: str) -> str:
+    """How a shard's counts are grouped: its folder under root (`train/fusion`), else its kind."""
+    if root.is_file() or tar.parent == root:
+        return kind
+    return tar.parent.relative_to(root).as_posix()
 
 
 def _sample_size(sample: dict) -> str:
@@ -158,13 +166,11 @@ def _inspect(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{info['shards']} shard(s) under {a.path}")
-    for kind in KINDS:
-        if kind not in info["counts"]:
-            continue
-        c = info["counts"][kind]
+    for group in sorted(info["counts"]):
+        c = info["counts"][group]
         tasks = ", ".join(f"{t}={n}" for t, n in sorted(c.items()))
-        top = ", ".join(f"{s} ({n})" for s, n in info["sizes"][kind].most_common(3))
-        print(f"{kind:<8} {sum(c.values()):>7} samples  [{tasks}]  sizes: {top}")
+        top = ", ".join(f"{s} ({n})" for s, n in info["sizes"][group].most_common(3))
+        print(f"{group:<16} {sum(c.values()):>7} samples  [{tasks}]  sizes: {top}")
     return 0
 
 

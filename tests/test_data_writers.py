@@ -169,6 +169,7 @@ def test_demo_is_deterministic_and_disjoint(tmp_path):
     assert (tmp_path / "a" / tar).read_bytes() != (tmp_path / "c" / tar).read_bytes()
     info = inspect(tmp_path / "a" / "val")
     assert info["counts"]["fusion"] == {"ivif": 8, "mff": 8, "mef": 8}
+    assert inspect(tmp_path / "a")["counts"]["val/m3"] == {"m3": 8}
 
 
 def test_demo_photos_are_split():
