@@ -156,63 +156,39 @@ def _gauss_1d(n: int, device: torch.device) -> Tensor:
     return h / h.sum()
 
 
-def _fft_size(n: int) -> int:
-    """Smallest even m >= n with no prime factor above 5 (prime sizes make FFTs slow)."""
-    m = n + (n % 2)
-    while True:
-        r = m
-        for p in (2, 3, 5):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 2
+def _band(g: Tensor, rows: int, stride: int) -> Tensor:
+    """(rows, stride*(rows-1)+n) banded matrix: row i holds g at columns stride*i .. stride*i+n-1."""
+    n = g.numel()
+    cols = stride * (rows - 1) + n
+    t = torch.zeros(rows * cols, dtype=g.dtype, device=g.device)
+    i = torch.arange(rows, device=g.device)[:, None]
+    t[(i * cols + stride * i + torch.arange(n, device=g.device)).flatten()] = g.repeat(rows)
+    return t.view(rows, cols)
 
 
-def _gauss_spectrum(n: int, size: tuple[int, int], device: torch.device) -> Tensor:
-    """fft2 of the separable n x n window zero-padded to size: (P, Q) complex128."""
-    g = _gauss_1d(n, device)
-    return torch.fft.fft(g, n=size[0])[:, None] * torch.fft.fft(g, n=size[1])[None, :]
+def _filter_valid(x: Tensor, g: Tensor, stride: int = 1) -> Tensor:
+    """Separable 'valid' filtering with window outer(g, g), every stride-th output kept.
 
-
-def _vif_spectra(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """(N, 3, h, w) A, B, F -> (N, 4, P, Q) fft2, zero-padded to size, of the complex-packed
-    maps A+iB, A^2+iB^2, AF+iBF, F+iF^2 (one complex FFT filters two real maps)."""
-    n, _, h, w = x.shape
-    planar = torch.empty(n, 4, 2, h, w, dtype=x.dtype, device=x.device)
-    planar[:, 0] = x[:, :2]
-    torch.mul(x[:, :2], x[:, :2], out=planar[:, 1])
-    torch.mul(x[:, :2], x[:, 2:], out=planar[:, 2])
-    planar[:, 3, 0] = x[:, 2]
-    torch.mul(x[:, 2], x[:, 2], out=planar[:, 3, 1])
-    return torch.fft.fft2(torch.complex(planar[:, :, 0], planar[:, :, 1]), s=size)
-
-
-def _filter_valid(spec: Tensor, n: int, hw: tuple[int, int]) -> Tensor:
-    """'valid' n x n Gaussian filtering of complex-packed maps from their padded fft2.
-
-    spec: (N, K, P, Q) -> (N, K, h-n+1, w-n+1) complex, hw = (h, w) the unpadded size. The
-    circular convolution of the zero-padded maps equals the linear one on the 'valid' region;
-    the window is real and symmetric, so it filters real and imaginary parts apart and
-    convolution == correlation.
+    x: (N, H, C, W) float64 -> (N, ceil((H-n+1)/stride), C, ceil((W-n+1)/stride)). Each pass
+    multiplies blocks of outputs by a banded matrix (BLAS; FFTs were slower here, mostly from
+    their scratch memory). The window is symmetric: correlation == the evaluator's convolve2d.
     """
-    y = torch.fft.ifft2(spec * _gauss_spectrum(n, tuple(spec.shape[-2:]), spec.device))
-    return y[..., n - 1 : hw[0], n - 1 : hw[1]]
-
-
-def _downsample(spec: Tensor, n: int, hw: tuple[int, int]) -> Tensor:
-    """Next scale's images: 'valid' n x n filtering then [::2, ::2] (Evaluator.compare_viff).
-
-    spec: (N, 2, P, Q) spectra of A+iB and F+i(F^2), P and Q even -> (N, 3, h', w') real.
-    Sampling every other pixel of a circular result folds its spectrum: y[2i] is the inverse
-    FFT, at half size, of (Y[k] + Y[k + P/2]) / 2 per axis.
-    """
-    y = spec * _gauss_spectrum(n, tuple(spec.shape[-2:]), spec.device)
-    p, q = y.shape[-2:]
-    folded = y.view(*y.shape[:-2], 2, p // 2, 2, q // 2).sum((-4, -2)) / 4  # (N, 2, P/2, Q/2)
-    r0, hn, wn = (n - 1) // 2, (hw[0] - n + 2) // 2, (hw[1] - n + 2) // 2
-    z = torch.fft.ifft2(folded)[..., r0 : r0 + hn, r0 : r0 + wn]
-    return torch.stack([z[:, 0].real, z[:, 0].imag, z[:, 1].real], 1)
+    n_img, h_in, c, w_in = x.shape
+    n = g.numel()
+    h_out, w_out = (h_in - n) // stride + 1, (w_in - n) // stride + 1
+    step = _CPU_BLOCK_ROWS if x.device.type == "cpu" else max(h_out, w_out)
+    band = _band(g, min(step, max(h_out, w_out)), stride)  # (step, stride*(step-1)+n)
+    flat = x.reshape(n_img, h_in, c * w_in)
+    rows = torch.empty(n_img, h_out, c * w_in, dtype=x.dtype, device=x.device)
+    for r0 in range(0, h_out, step):  # along H: out[r] = sum_k g[k] x[stride*r + k]
+        k, width = min(step, h_out - r0), stride * (min(step, h_out - r0) - 1) + n
+        torch.matmul(band[:k, :width], flat[:, stride * r0 : stride * r0 + width], out=rows[:, r0 : r0 + k])
+    rows = rows.view(-1, w_in)  # (N*h'*C, W)
+    out = torch.empty(rows.shape[0], w_out, dtype=x.dtype, device=x.device)
+    for c0 in range(0, w_out, step):  # along W, on column slices (no transposed copies)
+        k, width = min(step, w_out - c0), stride * (min(step, w_out - c0) - 1) + n
+        out[:, c0 : c0 + k] = rows[:, stride * c0 : stride * c0 + width] @ band[:k, :width].T
+    return out.view(n_img, h_out, c, w_out)
 
 
 def _vif_terms(s1: Tensor, s2: Tensor, s12: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,18 +208,21 @@ def _vif_terms(s1: Tensor, s2: Tensor, s12: Tensor) -> tuple[Tensor, Tensor]:
     return num.sum((2, 3)), den.sum((2, 3))
 
 
-def _vif_scale(z: Tensor) -> tuple[Tensor, Tensor]:
-    """One scale's VIFp sums from filtered packed maps z: (N, 4, h, w) complex -> (N, 2) x2.
+def _vif_scale(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """One scale's VIFp sums. x: (N, h, 3, w) float64 A, B, F -> num, den: (N, 2) each.
 
-    Packing (see _vif_spectra): mean(A)+i mean(B), E[A^2]+i E[B^2], E[AF]+i E[BF], mean(F)+i E[F^2].
+    Works through blocks of output rows, so the eight moment maps never exist at full size.
     """
+    g = _gauss_1d(n, x.device)
     num = den = 0.0
-    for r0, r1 in _row_blocks(z.shape[2], z.device):
-        m = torch.stack([z[:, :, r0:r1].real, z[:, :, r0:r1].imag], 2)  # (N, 4, 2, r, w)
-        mu, sq, cross, mu_f, sq_f = m[:, 0], m[:, 1], m[:, 2], m[:, 3, :1], m[:, 3, 1:]
-        s1 = (sq - mu * mu).clamp_min_(0)  # (N, 2, r, w): sources A, B
-        s2 = (sq_f - mu_f * mu_f).clamp_min_(0)  # (N, 1, r, w)
-        n_b, d_b = _vif_terms(s1, s2, cross - mu * mu_f)
+    for r0, r1 in _row_blocks(x.shape[1] - n + 1, x.device):
+        xb = x[:, r0 : r1 + n - 1]  # (N, r+n-1, 3, w): the input rows of this block
+        maps = torch.cat([xb, xb * xb, xb[:, :, :2] * xb[:, :, 2:]], 2)  # A B F A2 B2 F2 AF BF
+        m = _filter_valid(maps, g).transpose(1, 2)  # (N, 8, r, w')
+        mu, mu_f = m[:, :2], m[:, 2:3]
+        s1 = (m[:, 3:5] - mu * mu).clamp_min_(0)  # (N, 2, r, w'): sources A, B
+        s2 = (m[:, 5:6] - mu_f * mu_f).clamp_min_(0)  # (N, 1, r, w')
+        n_b, d_b = _vif_terms(s1, s2, m[:, 6:8] - mu * mu_f)
         num, den = num + n_b, den + d_b
     return num, den
 
@@ -251,19 +230,17 @@ def _vif_scale(z: Tensor) -> tuple[Tensor, Tensor]:
 def _vif(a: Tensor, b: Tensor, f: Tensor) -> Tensor:
     """VIF = VIFp(A->F) + VIFp(B->F), pixel-domain multiscale (vifp_mscale). (N,H,W) x3 -> (N,)
 
-    Gaussian filtering by FFT in float64. Each image is centred by its mean first: variances
-    are shift-invariant, and centring keeps rounding noise far below eps = 1e-10.
+    Gaussian filtering in float64. Each image is centred by its mean first: variances are
+    shift-invariant, and centring keeps rounding noise far below eps = 1e-10.
     """
-    x = torch.stack([a, b, f], 1)  # (N, 3, H, W): sources A, B, then F
-    x = x - x.mean((-2, -1), keepdim=True)
+    x = torch.stack([a, b, f], 2)  # (N, H, 3, W): sources A, B, then F
+    x = x - x.mean((1, 3), keepdim=True)
     num = den = torch.zeros(a.shape[0], 2, dtype=torch.float64, device=a.device)
     for s, n in enumerate(_VIF_SIZES):
-        hw = tuple(x.shape[-2:])
-        spec = _vif_spectra(x, (_fft_size(hw[0]), _fft_size(hw[1])))  # (N, 4, P, Q)
-        n_s, d_s = _vif_scale(_filter_valid(spec, n, hw))
+        n_s, d_s = _vif_scale(x, n)
         num, den = num + n_s, den + d_s
-        if s + 1 < len(_VIF_SIZES):
-            x = _downsample(spec[:, 0::3], _VIF_SIZES[s + 1], hw)
+        if s + 1 < len(_VIF_SIZES):  # next scale: filter with its window ('valid'), take [::2, ::2]
+            x = _filter_valid(x, _gauss_1d(_VIF_SIZES[s + 1], x.device), stride=2)
     vifp = num / den
     return torch.where(torch.isnan(vifp), 1.0, vifp).sum(1)  # NaN -> 1 per source (evaluator)
 
