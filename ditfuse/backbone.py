@@ -31,14 +31,37 @@ from ditfuse.config import ModelConfig
 # Build / load
 # ---------------------------------------------------------------------------------------------
 def build_transformer(cfg: ModelConfig, seed: int | None = 0):
-    """Random-init transformer of a preset's shape (tests, demo, benchmarks)."""
+    """Random-init transformer of a preset's shape (tests, demo, benchmarks), OmniGen's init."""
     from diffusers import OmniGenTransformer2DModel
 
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return OmniGenTransformer2DModel(**cfg.transformer_kwargs())
-    return OmniGenTransformer2DModel(**cfg.transformer_kwargs())
+    if seed is None:
+        return omnigen_init(OmniGenTransformer2DModel(**cfg.transformer_kwargs()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return omnigen_init(OmniGenTransformer2DModel(**cfg.transformer_kwargs()))
+
+
+@torch.no_grad()
+def omnigen_init(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """OmniGen's initialisation for training from scratch: the Phi-3 LLM's normal(0, 0.02)
+    (initializer_range) for projections and token embeddings, patch embeddings like nn.Linear
+    (xavier), timestep MLPs normal(0, 0.02), and DiT's zeroed output layers (adaLN modulation and
+    final projection), so a fresh model predicts zero velocity and trains stably from step one."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+    nn.init.zeros_(model.norm_out.linear.weight)
+    nn.init.zeros_(model.norm_out.linear.bias)
+    nn.init.zeros_(model.proj_out.weight)
+    nn.init.zeros_(model.proj_out.bias)
+    return model
 
 
 def detect_layout(path: str | Path) -> tuple[str, Path]:
@@ -107,7 +130,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class KVCache:
-    """Per-layer keys/values (B, H_kv, C, hd) of the condition tokens, plus what a step needs."""
+    """Per-layer key/value buffers (B, H_kv, C + 1 + N, hd): the first C positions hold the condition
+    tokens' K/V (from `prefill`); each `step` writes its time + output tokens' K/V into the tail in
+    place (no per-step copy of the whole cache). Plus what a step needs."""
 
     keys: list[Tensor]
     values: list[Tensor]
@@ -166,7 +191,9 @@ class Backbone(nn.Module):
         k = attn.to_k(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lq, hd)
         v = attn.to_v(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        k_all, v_all = (k, v) if past is None else past
+        if past is not None:  # KVCache buffers: conditions, then this step's tokens
+            k_all[:, :, -Lq:], v_all[:, :, -Lq:] = k, v
         o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
@@ -227,6 +254,9 @@ class Backbone(nn.Module):
         cos, sin = rope_cos_sin(self.transformer.rope, cond.position_ids())  # (B, 1, L, hd)
         full = cond.mask(q_start=0)
         _, keys, values = self._run_blocks(h, cos[:, :, :C], sin[:, :, :C], full[:, :, :C, :C], collect=True)
+        tail = cos.shape[2] - C  # time + output tokens, written by each step
+        keys, values = ([torch.cat([x, x.new_empty(*x.shape[:2], tail, x.shape[3])], 2) for x in xs]
+                        for xs in (keys, values))
         return KVCache(keys=keys, values=values, cond=cond, cos=cos[:, :, C:], sin=sin[:, :, C:],
                        mask=cond.mask(q_start=C))
 

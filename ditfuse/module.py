@@ -242,13 +242,15 @@ class DiTFuseModule(pl.LightningModule):
     @torch.no_grad()
     def sample(self, batch: dict[str, Any] | None = None, *, prompts: list[str] | None = None,
                images: Tensor | None = None, steps: int | None = None, guidance_scale: float | None = None,
-               img_guidance_scale: float | None = None, seed: int | None = None, kv_cache: bool | None = None,
+               img_guidance_scale: float | None = None, seed: int | list[int] | None = None,
+               kv_cache: bool | None = None,
                batch_branches: bool | None = None, size: tuple[int, int] | None = None) -> Tensor:
         """Sample fused images (B, 3, H, W) in [-1, 1].
 
         Give a batch (its `prompt` and `images`) or `prompts` + `images` (B, K, 3, H, W) in
-        [-1, 1]. Unset sampler options fall back to `val_sampler`. The output has the inputs'
-        size unless `size=(H, W)` is given (a multiple of `pixels_per_token`).
+        [-1, 1]. Unset sampler options fall back to `val_sampler`. `seed` is one int for every
+        row or one per row (a row's output then does not depend on its batch). The output has the
+        inputs' size unless `size=(H, W)` is given (a multiple of `pixels_per_token`).
         """
         if batch is not None:
             prompts = list(batch["prompt"]) if prompts is None else prompts
@@ -266,7 +268,8 @@ class DiTFuseModule(pl.LightningModule):
             img_guidance_scale=base.img_guidance_scale if img_guidance_scale is None else img_guidance_scale,
             kv_cache=base.kv_cache if kv_cache is None else kv_cache,
             batch_branches=base.batch_branches if batch_branches is None else batch_branches,
-            seed=base.seed if seed is None else seed)
+            seed=base.seed if seed is None or not isinstance(seed, int) else seed)
+        seeds = list(seed) if seed is not None and not isinstance(seed, int) else None
         H, W = size or images.shape[-2:]
         self.codec.check_size(H, W, self.pixels_per_token)
         cond_lat = self.encode_images(images)
@@ -275,7 +278,7 @@ class DiTFuseModule(pl.LightningModule):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            lat = sample_latents(self.backbone, self.tokenizer, prompts, cond_lat, out_shape, settings)
+            lat = sample_latents(self.backbone, self.tokenizer, prompts, cond_lat, out_shape, settings, seeds)
         finally:
             self.backbone.train(was_training)
         return self.codec.decode(lat).float().clamp(-1, 1)
@@ -297,26 +300,14 @@ class DiTFuseModule(pl.LightningModule):
         return {"output": out}
 
     @torch.no_grad()
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> Tensor:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
         """Fused images (B, 3, H, W) in [-1, 1] for a batch of `prompt` + `images` (datamodules/pairs.py).
 
-        Sampled with `val_sampler`; each row's initial noise comes from its own `batch["seed"]`
-        (default: val_sampler.seed), so an output does not depend on the rest of its batch
-        (`ditfuse fuse` and `ditfuse predict` give the same image for a pair).
+        Sampled with `val_sampler`; row b's initial noise comes from `batch["seed"][b]` (default:
+        val_sampler.seed), so an output does not depend on the rest of its batch (`ditfuse fuse`
+        and `ditfuse predict` give the same image for a pair).
         """
-        from ditfuse.sampler import GuidedVelocity, euler, initial_noise
-
-        s, prompts = self.val_sampler, list(batch["prompt"])
-        seeds = batch.get("seed") or [s.seed] * len(prompts)
-        cond_lat = self.encode_images(batch["images"])  # (B, 2, c, h, w)
-        shape = tuple(cond_lat.shape[2:])
-        x0 = torch.cat([initial_noise((1, *shape), int(k), self.device) for k in seeds])
-        velocity = GuidedVelocity(self.backbone, self.tokenizer, prompts, cond_lat, shape[1:], s.guidance_scale,
-                                  s.img_guidance_scale, kv_cache=s.kv_cache, batch_branches=s.batch_branches)
-        return self.codec.decode(euler(velocity, x0, s.steps)).float().clamp(-1, 1)
-
-    def _log_per_task_names(self) -> None:  # pragma: no cover - doc helper
-        pass
+        return self.sample(batch, seed=batch.get("seed") or None)
 
     # -----------------------------------------------------------------------------------------
     # Optimizer

@@ -32,7 +32,7 @@ class SamplerSettings:
     img_guidance_scale: float = 1.6  # s_img; OmniGen pipeline default
     kv_cache: bool = True
     batch_branches: bool = True
-    seed: int = 0
+    seed: int = 0  # initial noise seed of every row (see initial_noise)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -49,10 +49,17 @@ def euler(velocity: VelocityFn, x0: Tensor, steps: int) -> Tensor:
     return x
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str) -> Tensor:
-    """Seeded x0 ~ N(0, I), drawn on the CPU so a seed gives the same noise on every device."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+def initial_noise(shape: tuple[int, ...], seed: int | list[int], device: torch.device | str) -> Tensor:
+    """Seeded x0 ~ N(0, I) of `shape` (B, ...), one generator per row, drawn on the CPU.
+
+    Row b uses `seed[b]` (an int seed serves every row), so a row's noise depends neither on the
+    device nor on which other rows share its batch.
+    """
+    seeds = [int(seed)] * shape[0] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
+    rows = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
+    return torch.stack(rows).to(device)
 
 
 def branch_weights(guidance_scale: float, img_guidance_scale: float) -> dict[str, float]:
@@ -111,11 +118,13 @@ class GuidedVelocity:
 
 @torch.no_grad()
 def sample_latents(backbone, tokenizer, prompts: list[str], cond_latents: Tensor | None,
-                   out_shape: tuple[int, int, int], settings: SamplerSettings | None = None) -> Tensor:
-    """Latents (B, c, h, w) sampled for `prompts` given (B, K, c, h, w) condition latents."""
+                   out_shape: tuple[int, int, int], settings: SamplerSettings | None = None,
+                   seeds: list[int] | None = None) -> Tensor:
+    """Latents (B, c, h, w) sampled for `prompts` given (B, K, c, h, w) condition latents.
+    `seeds` (one per row) override `settings.seed`."""
     s = settings or SamplerSettings()
     device = backbone.transformer.device
     velocity = GuidedVelocity(backbone, tokenizer, prompts, cond_latents, out_shape[-2:], s.guidance_scale,
                               s.img_guidance_scale, kv_cache=s.kv_cache, batch_branches=s.batch_branches)
-    x0 = initial_noise((len(prompts), *out_shape), s.seed, device)
+    x0 = initial_noise((len(prompts), *out_shape), s.seed if seeds is None else seeds, device)
     return euler(velocity, x0, s.steps)
