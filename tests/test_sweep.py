@@ -268,3 +268,27 @@ def test_sweep_configs_parse_with_print_config(tmp_path):
         printed = yaml.safe_load(res.stdout)
         data = printed["data"].get("init_args", printed["data"])
         assert data["ratios"]["m3"] == p["values"]["data.ratios.m3"]
+
+
+@pytest.mark.slow
+def test_sweep_commands_in_experiment_headers_work(tmp_path, monkeypatch):
+    """Every `ditfuse sweep ...` line in a configs/ header comment writes its points."""
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    commands = [line.split("ditfuse sweep", 1)[1] for cfg in sorted((ROOT / "configs").rglob("*.yaml"))
+                for line in cfg.read_text().splitlines() if line.startswith("#") and "ditfuse sweep " in line]
+    assert len(commands) >= 3
+    for i, cmd in enumerate(commands):
+        args = shlex.split(cmd)
+        args[args.index("--out") + 1] = str(tmp_path / f"s{i}")
+        rc, err = _run(args)
+        assert rc == 0, f"{cmd}\n{err}"
+        points = json.loads((tmp_path / f"s{i}" / "manifest.json").read_text())["points"]
+        assert len(points) >= 2
+    fusion = next(i for i, c in enumerate(commands) if "fusion_share" in c)
+    shares = []
+    for p in json.loads((tmp_path / f"s{fusion}" / "manifest.json").read_text())["points"]:
+        ratios = yaml.safe_load(Path(p["config"]).read_text())["data"]["ratios"]
+        shares.append(round(ratios["fusion"] / sum(ratios.values()), 4))
+    assert shares == [0.0, 0.025, 0.05, 0.1]  # the weights are the real-fusion shares
