@@ -101,7 +101,8 @@ def to_raw_tensor(arr: np.ndarray, vrange: tuple[float, float] | None = None) ->
 def float01(x: Tensor) -> Tensor:
     """A raw (C, H, W) plane (uint8 or float in [0, 1]) -> (3, H, W) float32 in [0, 1]."""
     if x.dtype == torch.uint8:
-        x = x.float().mul_(1 / 255)
+        # one pass from the (possibly HWC-strided) crop into a contiguous float tensor
+        x = torch.empty(x.shape, dtype=torch.float32).copy_(x).mul_(1 / 255)
     return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
