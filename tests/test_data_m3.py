@@ -100,3 +100,17 @@ def test_ivif_fallback_keeps_visible_chroma():
     out = ivif_fallback(vis, ir)
     assert out.shape == vis.shape and out.min() >= 0 and out.max() <= 1
     assert torch.equal(ivif_fallback(vis, ir, "image1"), vis)
+
+
+def test_median_blur_matches_a_per_size_separable_median():
+    # every kernel size shares one min/max network (sentinel taps); check it against torch.median
+    from datamodules.m3 import _median_filter
+
+    tiles = torch.randint(0, 256, (5, 3, 18, 18)).float() / 255  # 8-bit levels, 8 px blocks, halo 5
+    kernel = torch.tensor([3, 5, 7, 9, 11])
+    out = _median_filter(tiles, kernel, 8, 5)
+    for i, k in enumerate(kernel.tolist()):
+        o = 5 - k // 2
+        sub = tiles[i, :, o:o + 8 + k - 1, o:o + 8 + k - 1]
+        ref = sub.unfold(2, k, 1).median(-1).values.unfold(1, k, 1).median(-1).values
+        assert torch.allclose(out[i], ref, atol=1e-6), k
