@@ -12,6 +12,7 @@ Pure math: no project imports, no Lightning.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -156,38 +157,45 @@ def _gauss_1d(n: int, device: torch.device) -> Tensor:
     return h / h.sum()
 
 
-def _band(g: Tensor, rows: int, stride: int) -> Tensor:
-    """(rows, stride*(rows-1)+n) banded matrix: row i holds g at columns stride*i .. stride*i+n-1."""
-    n = g.numel()
+@functools.lru_cache(maxsize=64)
+def _band(n: int, rows: int, stride: int, device: torch.device) -> Tensor:
+    """(rows, stride*(rows-1)+n) banded matrix: row i holds the n-tap window at columns
+    stride*i .. stride*i+n-1. Cached: the filters below reuse it for every block."""
+    g = _gauss_1d(n, device)
     cols = stride * (rows - 1) + n
-    t = torch.zeros(rows * cols, dtype=g.dtype, device=g.device)
-    i = torch.arange(rows, device=g.device)[:, None]
-    t[(i * cols + stride * i + torch.arange(n, device=g.device)).flatten()] = g.repeat(rows)
+    t = torch.zeros(rows * cols, dtype=g.dtype, device=device)
+    i = torch.arange(rows, device=device)[:, None]
+    t[(i * cols + stride * i + torch.arange(n, device=device)).flatten()] = g.repeat(rows)
     return t.view(rows, cols)
 
 
-def _filter_valid(x: Tensor, g: Tensor, stride: int = 1) -> Tensor:
-    """Separable 'valid' filtering with window outer(g, g), every stride-th output kept.
+@functools.lru_cache(maxsize=8)
+def _taps(n: int) -> tuple[float, ...]:
+    return tuple(_gauss_1d(n, torch.device("cpu")).tolist())
 
-    x: (N, H, C, W) float64 -> (N, ceil((H-n+1)/stride), C, ceil((W-n+1)/stride)). Each pass
-    multiplies blocks of outputs by a banded matrix (BLAS; FFTs were slower here, mostly from
-    their scratch memory). The window is symmetric: correlation == the evaluator's convolve2d.
+
+def _filter_valid(x: Tensor, n: int, stride: int = 1) -> Tensor:
+    """Separable 'valid' filtering with the evaluator's n x n window, every stride-th output kept.
+
+    x: (N, H, C, W) float64 -> (N, ceil((H-n+1)/stride), C, ceil((W-n+1)/stride)). Along H:
+    blocks of outputs times a banded matrix (BLAS); along W: n shifted multiply-adds on
+    column slices (no transposed copies). FFTs were slower here, mostly from their scratch
+    memory. The window is symmetric, so correlation == the evaluator's convolve2d.
     """
     n_img, h_in, c, w_in = x.shape
-    n = g.numel()
     h_out, w_out = (h_in - n) // stride + 1, (w_in - n) // stride + 1
-    step = _CPU_BLOCK_ROWS if x.device.type == "cpu" else max(h_out, w_out)
-    band = _band(g, min(step, max(h_out, w_out)), stride)  # (step, stride*(step-1)+n)
+    step = _CPU_BLOCK_ROWS if x.device.type == "cpu" else h_out
+    band = _band(n, min(step, h_out), stride, x.device)  # (step, stride*(step-1)+n)
     flat = x.reshape(n_img, h_in, c * w_in)
     rows = torch.empty(n_img, h_out, c * w_in, dtype=x.dtype, device=x.device)
     for r0 in range(0, h_out, step):  # along H: out[r] = sum_k g[k] x[stride*r + k]
         k, width = min(step, h_out - r0), stride * (min(step, h_out - r0) - 1) + n
         torch.matmul(band[:k, :width], flat[:, stride * r0 : stride * r0 + width], out=rows[:, r0 : r0 + k])
     rows = rows.view(-1, w_in)  # (N*h'*C, W)
-    out = torch.empty(rows.shape[0], w_out, dtype=x.dtype, device=x.device)
-    for c0 in range(0, w_out, step):  # along W, on column slices (no transposed copies)
-        k, width = min(step, w_out - c0), stride * (min(step, w_out - c0) - 1) + n
-        out[:, c0 : c0 + k] = rows[:, stride * c0 : stride * c0 + width] @ band[:k, :width].T
+    span, taps = stride * (w_out - 1) + 1, _taps(n)
+    out = rows[:, 0:span:stride] * taps[0]
+    for k in range(1, n):  # along W
+        out.add_(rows[:, k : k + span : stride], alpha=taps[k])
     return out.view(n_img, h_out, c, w_out)
 
 
@@ -213,12 +221,16 @@ def _vif_scale(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
     Works through blocks of output rows, so the eight moment maps never exist at full size.
     """
-    g = _gauss_1d(n, x.device)
+    blocks = _row_blocks(x.shape[1] - n + 1, x.device)
+    buf = x.new_empty(x.shape[0], blocks[0][1] + n - 1, 8, x.shape[3])  # one block's maps
     num = den = 0.0
-    for r0, r1 in _row_blocks(x.shape[1] - n + 1, x.device):
+    for r0, r1 in blocks:
         xb = x[:, r0 : r1 + n - 1]  # (N, r+n-1, 3, w): the input rows of this block
-        maps = torch.cat([xb, xb * xb, xb[:, :, :2] * xb[:, :, 2:]], 2)  # A B F A2 B2 F2 AF BF
-        m = _filter_valid(maps, g).transpose(1, 2)  # (N, 8, r, w')
+        maps = buf[:, : xb.shape[1]]  # A B F A2 B2 F2 AF BF, written in place
+        maps[:, :, :3] = xb
+        torch.mul(xb, xb, out=maps[:, :, 3:6])
+        torch.mul(xb[:, :, :2], xb[:, :, 2:], out=maps[:, :, 6:])
+        m = _filter_valid(maps, n).transpose(1, 2)  # (N, 8, r, w')
         mu, mu_f = m[:, :2], m[:, 2:3]
         s1 = (m[:, 3:5] - mu * mu).clamp_min_(0)  # (N, 2, r, w'): sources A, B
         s2 = (m[:, 5:6] - mu_f * mu_f).clamp_min_(0)  # (N, 1, r, w')
@@ -240,7 +252,7 @@ def _vif(a: Tensor, b: Tensor, f: Tensor) -> Tensor:
         n_s, d_s = _vif_scale(x, n)
         num, den = num + n_s, den + d_s
         if s + 1 < len(_VIF_SIZES):  # next scale: filter with its window ('valid'), take [::2, ::2]
-            x = _filter_valid(x, _gauss_1d(_VIF_SIZES[s + 1], x.device), stride=2)
+            x = _filter_valid(x, _VIF_SIZES[s + 1], stride=2)
     vifp = num / den
     return torch.where(torch.isnan(vifp), 1.0, vifp).sum(1)  # NaN -> 1 per source (evaluator)
 
@@ -301,8 +313,8 @@ def _box_valid(x: Tensor, dim: int, win: int) -> Tensor:
     """
     x = x.to(torch.float64)
     size = x.shape[dim] - win + 1
-    acc = x.narrow(dim, 0, size).clone()
-    for k in range(1, win):
+    acc = x.narrow(dim, 0, size) + x.narrow(dim, 1, size)
+    for k in range(2, win):
         acc += x.narrow(dim, k, size)
     return (acc / win).to(torch.float32)
 
