@@ -73,4 +73,4 @@ def test_builtin_prompt_is_short():
     tok = BuiltinTokenizer()
     ids = tok.encode(P.default_prompt("ivif"))
     assert len(ids) < 30  # phrases and tags are single tokens
-    assert tok.decode(tok.encode("Segment the zebra.")).startswith("segment the zebra")
+    assert tok.decode(tok.encode("Segment the zebra.")).startswith("Segment the zebra")
