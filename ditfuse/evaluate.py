@@ -49,6 +49,11 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)  # stem -> reason
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def n_pairs(self) -> int:
+        """Stems scored (fused rows, or baseline rows when there is no fused folder)."""
+        return max([len(self.per_image), *(len(r) for r in self.baselines.values())])
+
     def mean(self, rows: dict[str, dict[str, float]]) -> dict[str, float]:
         """Column means over rows; a NaN anywhere makes that column's mean NaN."""
         cols = [c for c in self.columns if any(c in r for r in rows.values())]
@@ -221,6 +226,7 @@ def to_json(report: Report, args: argparse.Namespace) -> str:
         "mean": report.mean(report.per_image),
         "baselines": {name: report.mean(rows) for name, rows in report.baselines.items()},
         "n_images": len(report.per_image),
+        "n_pairs": report.n_pairs,
         "skipped": report.skipped,
         "notes": report.notes,
         "folders": {k: str(v) for k, v in _folders(args).items()},
@@ -251,7 +257,7 @@ def to_csv(report: Report) -> str:
 
 def to_markdown(report: Report, args: argparse.Namespace) -> str:
     fmt = lambda v: "nan" if math.isnan(v) else f"{v:.4f}"  # noqa: E731
-    lines = [f"Convention: {fm.CONVENTION} (METRICS.md); {len(report.per_image)} images; "
+    lines = [f"Convention: {fm.CONVENTION} (METRICS.md); {report.n_pairs} pairs; "
              + ", ".join(f"{k}={v}" for k, v in _folders(args).items()), ""]
     lines += ["| image | " + " | ".join(report.columns) + " |", "|---|" + "---:|" * len(report.columns)]
     for label, row in _summary_rows(report):
@@ -323,7 +329,7 @@ def main(argv: list[str]) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w" if args.overwrite else "x") as fh:
             fh.write(text)
-        print(f"ditfuse eval: wrote {args.out} ({len(report.per_image)} images, {len(report.skipped)} skipped)",
+        print(f"ditfuse eval: wrote {args.out} ({report.n_pairs} pairs scored, {len(report.skipped)} skipped)",
               file=sys.stderr)
     return 0
 

@@ -32,8 +32,7 @@ _LEVELS = 256  # METRICS.md: MI and EN use 256 integer levels, no binning
 # VIFp constants (METRICS.md "VIFp"; Evaluator.compare_viff): sigma_n^2 = 2, eps = 1e-10,
 # window sizes N = 2^(5-s)+1 for s = 1..4.
 _VIF_SIGMA_NSQ, _VIF_EPS, _VIF_SIZES = 2.0, 1e-10, (17, 9, 5, 3)
-_VIF_MIN_SIDE = 41  # smallest side for which all four 'valid' scales are non-empty (17/9/5/3)
-VIF_MIN_SIDE = _VIF_MIN_SIDE  # public: callers drop VIF below this size
+VIF_MIN_SIDE = 41  # smallest side for which all four 'valid' scales are non-empty (17/9/5/3)
 # Qabf constants (METRICS.md "Qabf"; Evaluator.Qabf_getQabf): Tg, kg, Dg, Ta, ka, Da.
 _TG, _KG, _DG, _TA, _KA, _DA = 0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8
 # SSIM (METRICS.md "SSIM"; skimage structural_similarity defaults): 7x7 uniform window,
@@ -395,10 +394,12 @@ def _check_triple(a: Tensor, b: Tensor, f: Tensor, names: list[str]) -> None:
     if not _nhw(a) == _nhw(b) == _nhw(f):
         raise ValueError(f"a, b, f must share N, H, W: got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(f.shape)}")
     h, w = f.shape[-2:]
-    if "VIF" in names and min(h, w) < _VIF_MIN_SIDE:
-        raise ValueError(f"VIF needs images of at least {_VIF_MIN_SIDE}x{_VIF_MIN_SIDE}, got {h}x{w}; drop VIF")
-    if min(h, w) < _SSIM_WIN:
-        raise ValueError(f"images must be at least {_SSIM_WIN}x{_SSIM_WIN} (SSIM window), got {h}x{w}")
+    if "VIF" in names and min(h, w) < VIF_MIN_SIDE:
+        raise ValueError(f"VIF needs images of at least {VIF_MIN_SIDE}x{VIF_MIN_SIDE}, got {h}x{w}; drop VIF")
+    if "SSIM" in names and min(h, w) < _SSIM_WIN:
+        raise ValueError(f"SSIM needs images of at least {_SSIM_WIN}x{_SSIM_WIN}, got {h}x{w}; drop SSIM")
+    if min(h, w) < 2:
+        raise ValueError(f"images must be at least 2x2 (gradients), got {h}x{w}")
 
 
 def compute_fusion_metrics(

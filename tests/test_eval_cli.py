@@ -127,7 +127,7 @@ def test_baselines_rows_and_baseline_only_mode(folders, tmp_path):
     out3 = tmp_path / "m3.json"  # no fused folder: baselines over the matched pairs only
     assert evaluate.main([*args[:4], "--baselines", "mean", "--out", str(out3)]) == 0
     rep3 = json.loads(out3.read_text())
-    assert rep3["per_image"] == {} and set(rep3["baselines"]) == {"mean"}
+    assert rep3["per_image"] == {} and set(rep3["baselines"]) == {"mean"} and rep3["n_pairs"] == 3  # c has no fused image, but a pair
 
 
 def test_reference_dir_columns(folders, tmp_path):
