@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
     return DiTFuseCLI(
         DiTFuseModule,
         datamodule,
-        args=args,
+        args=cli_args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
