@@ -53,25 +53,34 @@ class DiTFuseCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         check_model_config(_as_dict(cfg.get("model")) or {})
         data = _as_dict(cfg.get("data"))
-        if isinstance(data, dict) and self.subcommand != "predict":  # predict: PairsDataModule
-            from datamodules import DiTFuseDataModule
+        if isinstance(data, dict):
+            # DataModule __init__ only checks settings (no I/O): run it once now, before the
+            # backbone (GBs for omnigen-v1) is built, so a bad data setting fails in seconds
+            self.datamodule_class(**data)
 
-            if hasattr(DiTFuseDataModule, "check_config"):
-                DiTFuseDataModule.check_config(**data)
+
+def datamodule_for(subcommand: str | None):
+    """`predict` reads folders of pairs (datamodules.pairs.PairsDataModule, configs/predict.yaml);
+    fit/validate/test read shards (datamodules.DiTFuseDataModule)."""
+    if subcommand == "predict":
+        from datamodules.pairs import PairsDataModule
+
+        return PairsDataModule
+    from datamodules import DiTFuseDataModule
+
+    return DiTFuseDataModule
 
 
 def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download implicitly
-    from datamodules import DiTFuseDataModule
-
     from ditfuse.module import DiTFuseModule
 
-    datamodule = DiTFuseDataModule
-    if args and args[0] == "predict":  # a folder of pairs (configs/predict.yaml, datamodules/pairs.py)
-        from datamodules.pairs import PairsDataModule as datamodule
+    args = list(args)
+    # `ditfuse fit ...` passes sys.argv[1:] explicitly; LightningCLI warns when both are set
+    cli_args = None if args == sys.argv[1:] else args
     return DiTFuseCLI(
         DiTFuseModule,
-        datamodule,
+        datamodule_for(args[0] if args else None),
         args=cli_args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
