@@ -36,6 +36,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,11 +162,12 @@ def axes_from_file(path: Path) -> list[Axis]:
 # --------------------------------------------------------------------------------------------
 # keys
 # --------------------------------------------------------------------------------------------
-def resolve_key(cfg: DictConfig, key: str, complete: bool = False) -> str:
+def resolve_key(cfg: DictConfig, key: str, complete: bool = False, allow_new: bool = True) -> str:
     """The dotted path of `key` in `cfg`, stepping into `init_args` where the key skips it.
 
     Raises SweepError naming the key and the keys that do exist where the walk stopped.
     `complete`: cfg holds every setting (printed by the CLI), not just what the YAML sets.
+    `allow_new`: accept a new last key inside a mapping-valued argument (see below).
     """
     node: Any = cfg
     path: list[str] = []
@@ -181,7 +183,7 @@ def resolve_key(cfg: DictConfig, key: str, complete: bool = False) -> str:
         elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
             path.append(part)
             node = node[int(part)]
-        elif isinstance(node, DictConfig) and i == len(parts) - 1 and len(path) >= 2 \
+        elif allow_new and isinstance(node, DictConfig) and i == len(parts) - 1 and len(path) >= 2 \
                 and path[-1] != "init_args":
             # a new entry of a mapping-valued argument (a kind added to data.ratios); a section
             # (`trainer`) or a class's init_args never take unknown keys here
@@ -242,21 +244,38 @@ def _short_names(keys: list[str]) -> list[str]:
     return out
 
 
-def resolve_keys(base: DictConfig, keys: list[str], full: Callable[[], DictConfig | None]) -> dict[str, str]:
-    """key -> dotted path. A key the YAML does not set is looked up in `full()` (every setting
-    with its default, as `ditfuse fit --print_config` prints them), fetched only when needed."""
+def resolve_keys(base: DictConfig, keys: list[str], full: Callable[[], DictConfig | None]
+                 ) -> tuple[dict[str, str], dict[str, str]]:
+    """(key -> dotted path, key -> a hint for the keys that add a new entry to a mapping).
+
+    A key the YAML does not set is looked up in `full()` (every setting with its default, as
+    `ditfuse fit --print_config` prints them), fetched only when needed. Only there may a key add
+    an entry to a mapping-valued argument (a kind to `data.ratios`), and such keys are returned
+    so the composed config can be checked by the CLI: a mapping may also be a typed setting
+    (`model.flow`) that rejects unknown fields.
+    """
     resolved, missing = {}, []
-    for key in keys:
+    for key in dict.fromkeys(keys):
         try:
-            resolved[key] = resolve_key(base, key)
+            resolved[key] = resolve_key(base, key, allow_new=False)
         except SweepError:
             missing.append(key)
-    if missing:
-        everything = full()
-        for key in missing:
-            resolved[key] = resolve_key(everything, key, complete=True) if everything is not None \
-                else resolve_key(base, key)
-    return resolved
+    if not missing:
+        return resolved, {}
+    everything = full()
+    added: dict[str, str] = {}
+    for key in missing:
+        if everything is None:  # no CLI to ask: the YAML alone decides
+            resolved[key] = resolve_key(base, key)
+            continue
+        try:
+            resolved[key] = resolve_key(everything, key, complete=True, allow_new=False)
+        except SweepError:
+            resolved[key] = path = resolve_key(everything, key, complete=True)
+            parent, _, last = path.rpartition(".")
+            close = difflib.get_close_matches(last, [str(k) for k in OmegaConf.select(everything, parent)], n=1)
+            added[key] = f" Did you mean {parent}.{close[0]!r}?" if close else ""
+    return resolved, added
 
 
 def printed_config(configs: list[Path]) -> DictConfig | None:
@@ -275,7 +294,7 @@ def printed_config(configs: list[Path]) -> DictConfig | None:
 def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str, metrics: list[str] | None,
                  full: Callable[[], DictConfig | None] = lambda: None) -> list[Point]:
     # resolve every key once, before anything is composed, so a typo fails first
-    resolved = resolve_keys(base, [key for a in axes for upd in a.updates for key in upd], full)
+    resolved, added = resolve_keys(base, [key for a in axes for upd in a.updates for key in upd], full)
     points = []
     for index, combo in enumerate(itertools.product(*(range(len(a.updates)) for a in axes))):
         cfg = copy.deepcopy(base)
@@ -290,7 +309,22 @@ def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str,
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise SweepError("two grid points got the same name; give linked axes distinct `_name`s")
+    if added:
+        check_with_cli(points[0], added)
     return points
+
+
+def check_with_cli(point: Point, keys: dict[str, str]) -> None:
+    """Let `ditfuse fit --print_config` accept the composed config of one point (`keys`: the
+    keys that added entries, with a did-you-mean hint)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "point.yaml"
+        path.write_text(OmegaConf.to_yaml(point.config, resolve=False))
+        try:
+            printed_config([path])
+        except SweepError as e:
+            raise SweepError(f"--grid key(s) {', '.join(map(repr, keys))} add new entries that `ditfuse fit` "
+                             f"does not accept (a typo?).{''.join(keys.values())}\n{e}") from None
 
 
 def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metrics: list[str] | None) -> None:

@@ -246,6 +246,7 @@ needs_demo = pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo.yaml is
 
 
 @needs_demo
+@pytest.mark.slow
 def test_sweep_checks_keys_the_yaml_leaves_at_their_default(tmp_path):
     """A key the YAML does not set is looked up among every setting the CLI knows."""
     out = tmp_path / "sw"
@@ -254,11 +255,12 @@ def test_sweep_checks_keys_the_yaml_leaves_at_their_default(tmp_path):
     cfg = yaml.safe_load(next((out / "points").glob("p001_*.yaml")).read_text())
     assert cfg["model"]["flow"]["t_shift"] == 3.0
     rc, err = _run(["--config", str(DEMO), "--grid", "model.flow.t_shfit=1.0,3.0", "--out", str(tmp_path / "x")])
-    assert rc == 2 and "'model.flow.t_shfit'" in err and "Did you mean 't_shift'" in err
+    assert rc == 2 and "'model.flow.t_shfit'" in err and "Did you mean model.flow.'t_shift'" in err
     assert not (tmp_path / "x").exists()
 
 
 @needs_demo
+@pytest.mark.slow
 def test_sweep_configs_parse_with_print_config(tmp_path):
     manifest = _demo_sweep(tmp_path)
     for p in manifest["points"]:
@@ -292,3 +294,25 @@ def test_sweep_commands_in_experiment_headers_work(tmp_path, monkeypatch):
         ratios = yaml.safe_load(Path(p["config"]).read_text())["data"]["ratios"]
         shares.append(round(ratios["fusion"] / sum(ratios.values()), 4))
     assert shares == [0.0, 0.025, 0.05, 0.1]  # the weights are the real-fusion shares
+
+
+@needs_demo
+@pytest.mark.slow
+def test_local_two_point_sweep_logs_hparams_with_final_metrics(tmp_path, monkeypatch):
+    from datamodules.demo import build_demo
+
+    monkeypatch.chdir(ROOT)
+    demo = tmp_path / "demo"
+    build_demo(demo)
+    short = ["trainer.max_steps=4", "data.batches_per_epoch=2", f"data.demo_dir={demo}", "data.num_workers=0",
+             "data.batch_size=4", "data.val_samples_per_task=1", "model.val_sampler.steps=2"]
+    manifest = _demo_sweep(tmp_path, *(a for s in short for a in ("--grid", s)), "--run")
+    assert [p["status"] for p in manifest["points"]] == ["ok", "ok"]
+    for p in manifest["points"]:
+        hparams, declared, scalars = read_hparams(Path(p["log_dir"]))
+        assert hparams["data.ratios.m3"] == p["values"]["data.ratios.m3"]
+        assert abs(sum(v for k, v in hparams.items() if k.startswith("data.share.")) - 1) < 1e-6
+        assert hparams["model.preset"] == "tiny" and hparams["data.image_size"] == 32
+        assert {"val/m3/psnr", "val/m3/psnr_mean", "val/loss"} <= declared
+        assert all(tag in scalars for tag in declared)  # each declared tag has values to show
+        assert len(scalars["val/m3/psnr"]) == 2  # both validations (2 epochs of 2 batches)
