@@ -28,7 +28,28 @@ from ditfuse.inference import FusionPipeline, Job, main, run_jobs
 from ditfuse.prompts import IMAGE_1, IMAGE_2
 from ditfuse.sampler import SamplerSettings
 
-FAST = ["--preset", "tiny", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
+RANDOM = ["--preset", "tiny", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny model whose output layers are not zero (a fresh init predicts zero velocity, so its
+    samples would be the initial noise whatever the inputs and prompt), in diffusers layout."""
+    from ditfuse.module import DiTFuseModule
+
+    tr = DiTFuseModule(preset="tiny").backbone.transformer
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (*tr.norm_out.parameters(), *tr.proj_out.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tr.save_pretrained(folder / "transformer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_dir) -> list[str]:
+    return ["--model", str(tiny_dir), *RANDOM]
 
 
 def _write(path: Path, h: int, w: int, channels: int = 3, bits: int = 8, seed: int = 0) -> Path:
@@ -46,9 +67,9 @@ def _hw(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def pipe() -> FusionPipeline:
-    return FusionPipeline.load(preset="tiny", device="cpu", dtype="fp32", sampler=SamplerSettings(steps=1),
-                               warn=lambda m: None)
+def pipe(tiny_dir) -> FusionPipeline:
+    return FusionPipeline.load(model=str(tiny_dir), preset="tiny", device="cpu", dtype="fp32",
+                               sampler=SamplerSettings(steps=1), warn=lambda m: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,30 +164,30 @@ def test_input_cases_give_an_output_at_image1_size(tmp_path, pipe, case):
 def test_cli_single_pair_mismatched_sizes_warns_and_writes_jpeg(tmp_path, capsys):
     a, b = _write(tmp_path / "a.png", 13, 22), _write(tmp_path / "b.png", 26, 44, channels=1, seed=3)
     out = tmp_path / "sub" / "fused.jpg"
-    assert main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--output", str(out)]) == 0
+    assert main([*RANDOM, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--output", str(out)]) == 0
     err = capsys.readouterr().err
     assert "resized image 2 to image 1's size" in err and "RANDOM" in err
     assert _hw(out) == (13, 22)
 
 
-def test_max_side_scales_down_and_output_keeps_the_source_size(tmp_path):
+def test_max_side_scales_down_and_output_keeps_the_source_size(tmp_path, fast):
     a, b = _write(tmp_path / "a.png", 30, 50), _write(tmp_path / "b.png", 30, 50, seed=2)
     out = tmp_path / "o.png"
-    assert main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "mff", "--max-side", "16",
+    assert main([*fast, "--image1", str(a), "--image2", str(b), "--task", "mff", "--max-side", "16",
                  "--output", str(out)]) == 0
     assert _hw(out) == (30, 50)
-    assert main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "mff", "--max-side", "18",
+    assert main([*fast, "--image1", str(a), "--image2", str(b), "--task", "mff", "--max-side", "18",
                  "--output", str(tmp_path / "p.png")]) == 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors: no overwrite, missing / unreadable inputs
 # ---------------------------------------------------------------------------------------------
-def test_existing_output_is_never_overwritten_without_flag(tmp_path, capsys):
+def test_existing_output_is_never_overwritten_without_flag(tmp_path, capsys, fast):
     a, b = _write(tmp_path / "a.png", 8, 12), _write(tmp_path / "b.png", 8, 12, seed=1)
     out = tmp_path / "o.png"
     out.write_bytes(b"keep me")
-    args = [*FAST, "--image1", str(a), "--image2", str(b), "--task", "mef", "--output", str(out)]
+    args = [*fast, "--image1", str(a), "--image2", str(b), "--task", "mef", "--output", str(out)]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
@@ -184,20 +205,20 @@ def test_write_image_refuses_a_file_that_appeared_meanwhile(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["missing", "garbage"])
-def test_missing_or_unreadable_input_is_one_line(tmp_path, capsys, bad):
+def test_missing_or_unreadable_input_is_one_line(tmp_path, capsys, bad, fast):
     a = _write(tmp_path / "a.png", 8, 8)
     b = tmp_path / "b.png"
     if bad == "garbage":
         b.write_bytes(b"not an image")
-    rc = main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--output", str(tmp_path / "o.png")])
+    rc = main([*fast, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--output", str(tmp_path / "o.png")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ditfuse fuse")]
     assert rc == 1 and len(err) == 1 and str(b) in err[0]
     assert not (tmp_path / "o.png").exists()
 
 
-def test_no_prompt_and_no_model_are_clear_errors(tmp_path, capsys):
+def test_no_prompt_and_no_model_are_clear_errors(tmp_path, capsys, fast):
     a = _write(tmp_path / "a.png", 8, 8)
-    assert main([*FAST, "--image1", str(a), "--image2", str(a), "--output", str(tmp_path / "o.png")]) == 1
+    assert main([*fast, "--image1", str(a), "--image2", str(a), "--output", str(tmp_path / "o.png")]) == 1
     assert "--task" in capsys.readouterr().err
     assert main(["--image1", str(a), "--image2", str(a), "--task", "ivif", "--output", str(tmp_path / "o.png")]) == 1
     assert "--model" in capsys.readouterr().err
@@ -216,10 +237,10 @@ def _pairs_dir(root: Path) -> Path:
     return root
 
 
-def test_folder_mode_skips_and_lists_bad_pairs(tmp_path, capsys):
+def test_folder_mode_skips_and_lists_bad_pairs(tmp_path, capsys, fast):
     root = _pairs_dir(tmp_path / "pairs")
     out = tmp_path / "out"
-    rc = main([*FAST, "--pairs-dir", str(root), "--task", "ivif", "--output-dir", str(out), "--batch-size", "2"])
+    rc = main([*fast, "--pairs-dir", str(root), "--task", "ivif", "--output-dir", str(out), "--batch-size", "2"])
     text = capsys.readouterr().out
     assert rc == 1  # something was skipped
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "d.png"]
@@ -229,50 +250,50 @@ def test_folder_mode_skips_and_lists_bad_pairs(tmp_path, capsys):
         assert name in text
 
 
-def test_folder_outputs_do_not_depend_on_batch_size(tmp_path):
+def test_folder_outputs_do_not_depend_on_batch_size(tmp_path, fast):
     root = _pairs_dir(tmp_path / "pairs")
     for bs in (1, 3):
-        main([*FAST, "--image1-dir", str(root / "image1"), "--image2-dir", str(root / "image2"), "--task", "mff",
+        main([*fast, "--image1-dir", str(root / "image1"), "--image2-dir", str(root / "image2"), "--task", "mff",
               "--output-dir", str(tmp_path / f"bs{bs}"), "--batch-size", str(bs)])
     for n in "abd":
         one, three = cv2.imread(str(tmp_path / "bs1" / f"{n}.png")), cv2.imread(str(tmp_path / "bs3" / f"{n}.png"))
         assert np.abs(one.astype(int) - three.astype(int)).max() <= 1
 
 
-def test_folder_mode_refuses_existing_outputs_before_work(tmp_path, capsys):
+def test_folder_mode_refuses_existing_outputs_before_work(tmp_path, capsys, fast):
     root = _pairs_dir(tmp_path / "pairs")
     out = tmp_path / "out"
     out.mkdir()
     (out / "b.png").write_bytes(b"old")
-    assert main([*FAST, "--pairs-dir", str(root), "--task", "ivif", "--output-dir", str(out)]) == 1
+    assert main([*fast, "--pairs-dir", str(root), "--task", "ivif", "--output-dir", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["b.png"] and (out / "b.png").read_bytes() == b"old"
 
 
-def test_prompt_file_mode_writes_one_output_per_line(tmp_path):
+def test_prompt_file_mode_writes_one_output_per_line(tmp_path, fast):
     a, b = _write(tmp_path / "vis.png", 10, 14), _write(tmp_path / "ir.png", 10, 14, channels=1, seed=4)
     prompts = tmp_path / "prompts.txt"
     full = make_prompt("ivif", control="LIGHT+")
     prompts.write_text(f"# comment\nKeep the thermal targets bright\n\n{full}\nSoften the image\n")
     assert len(read_prompt_file(prompts)) == 3
-    assert main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--prompt-file", str(prompts),
+    assert main([*fast, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--prompt-file", str(prompts),
                  "--output-dir", str(tmp_path / "out"), "--steps", "2"]) == 0
     outs = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in outs] == ["vis_001.png", "vis_002.png", "vis_003.png"]
     imgs = [cv2.imread(str(p)).astype(int) for p in outs]
     assert all(im.shape == (10, 14, 3) for im in imgs)
     assert np.abs(imgs[0] - imgs[1]).max() > 0  # the prompt matters, the noise (seed) is shared
-    assert main([*FAST, "--image1", str(a), "--image2", str(b), "--prompt-file", str(prompts),
+    assert main([*fast, "--image1", str(a), "--image2", str(b), "--prompt-file", str(prompts),
                  "--output", str(tmp_path / "x.png")]) == 0
     assert sorted(p.name for p in tmp_path.glob("x_*.png")) == ["x_001.png", "x_002.png", "x_003.png"]
 
 
-def test_kv_cache_and_sequential_branches_do_not_change_the_output(tmp_path):
+def test_kv_cache_and_sequential_branches_do_not_change_the_output(tmp_path, fast):
     a, b = _write(tmp_path / "a.png", 8, 12), _write(tmp_path / "b.png", 8, 12, seed=1)
     outs = []
     for extra in ([], ["--no-kv-cache"], ["--sequential-branches"]):
         out = tmp_path / f"o{len(outs)}.png"
-        assert main([*FAST, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--steps", "2",
+        assert main([*fast, "--image1", str(a), "--image2", str(b), "--task", "ivif", "--steps", "2",
                      "--output", str(out), *extra]) == 0
         outs.append(cv2.imread(str(out)).astype(int))
     assert np.abs(outs[0] - outs[1]).max() <= 1 and np.abs(outs[0] - outs[2]).max() <= 1
@@ -393,7 +414,7 @@ def test_model_folder_in_diffusers_layout(tmp_path):
 
     merge_and_unload(trained.backbone.transformer).save_pretrained(tmp_path / "model" / "transformer")
     a, b = _write(tmp_path / "a.png", 8, 12), _write(tmp_path / "b.png", 8, 12, seed=1)
-    assert main(["--model", str(tmp_path / "model"), *FAST, "--image1", str(a), "--image2", str(b),
+    assert main(["--model", str(tmp_path / "model"), *RANDOM, "--image1", str(a), "--image2", str(b),
                  "--task", "mef", "--output", str(tmp_path / "o.png")]) == 0
     assert _hw(tmp_path / "o.png") == (8, 12)
 
@@ -415,13 +436,13 @@ def test_pair_batches_shard_every_pair_to_exactly_one_rank(tmp_path):
     assert sorted(seen) == ["a", "b", "d"]  # c's partner is unreadable
 
 
-def test_ditfuse_predict_writes_each_output_once_at_source_size(tmp_path):
+def test_ditfuse_predict_writes_each_output_once_at_source_size(tmp_path, tiny_dir):
     from ditfuse.cli import main as ditfuse
 
     root = _pairs_dir(tmp_path / "pairs")
     out = tmp_path / "out"
     args = ["predict", "--config", str(Path(__file__).parents[1] / "configs" / "predict.yaml"),
-            "--model.preset=tiny", "--model.val_sampler.steps=1", "--trainer.accelerator=cpu",
+            "--model.preset=tiny", f"--model.pretrained={tiny_dir}", "--model.val_sampler.steps=1", "--trainer.accelerator=cpu",
             "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", f"--data.pairs_dir={root}",
             "--data.max_side=64", "--data.batch_size=2", "--data.num_workers=0",
             f"--trainer.callbacks.output_dir={out}"]
@@ -434,7 +455,7 @@ def test_ditfuse_predict_writes_each_output_once_at_source_size(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_predict_matches_fuse_for_the_same_pair(tmp_path):
+def test_predict_matches_fuse_for_the_same_pair(tmp_path, fast, tiny_dir):
     import lightning as L
 
     from callbacks.prediction_writer import FusedImageWriter
@@ -442,12 +463,12 @@ def test_predict_matches_fuse_for_the_same_pair(tmp_path):
     from ditfuse.module import DiTFuseModule
 
     root = _pairs_dir(tmp_path / "pairs")
-    model = DiTFuseModule(preset="tiny", val_sampler=SamplerSettings(steps=2))
+    model = DiTFuseModule(preset="tiny", pretrained=str(tiny_dir), val_sampler=SamplerSettings(steps=2))
     dm = PairsDataModule(pairs_dir=str(root), task="ivif", max_side=64, batch_size=3)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         callbacks=[FusedImageWriter(output_dir=str(tmp_path / "pred"))])
     trainer.predict(model, datamodule=dm, return_predictions=False)
-    assert main([*FAST, "--steps", "2", "--pairs-dir", str(root), "--task", "ivif", "--max-side", "64",
+    assert main([*fast, "--steps", "2", "--pairs-dir", str(root), "--task", "ivif", "--max-side", "64",
                  "--output-dir", str(tmp_path / "fuse")]) == 1  # c, lonely, e skipped
     for n in "abd":
         a = cv2.imread(str(tmp_path / "pred" / f"{n}.png")).astype(int)
