@@ -549,7 +549,7 @@ def _qkv_groups(modules: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, di
 def _fuse_qkv(parts: dict[str, dict[str, Tensor]], ratio: dict[str, float]) -> tuple[Tensor, Tensor]:
     """(A, B) of one fused qkv_proj; a missing q/k/v contributes zero rows of B."""
     rows = next(iter(parts.values()))["B"].shape[0]  # q, k and v have equal rows (no GQA)
-    a_list = [ab["A"] for ab in parts.values()]
+    a_list = [parts[n]["A"] for n in _QKV if n in parts]  # q, k, v order, as B's blocks below
     ref = parts[next(iter(parts))]["B"]
     if all(torch.equal(a, a_list[0]) for a in a_list):
         blocks = [parts[n]["B"] * ratio[n] if n in parts else ref.new_zeros(rows, ref.shape[1]) for n in _QKV]

@@ -356,3 +356,17 @@ def test_sharded_original_checkpoint(original, tmp_path):
     inputs = omnigen_inputs(**SHORT)
     _close(diffusers_forward(C.load_transformer(tmp_path), inputs),
            diffusers_forward(C.load_transformer(folder), inputs))
+
+
+def test_fused_qkv_delta_does_not_depend_on_the_order_parts_arrive_in():
+    """safetensors returns keys sorted (to_k before to_q): the fused delta must still put each
+    projection's B@A in its own row block."""
+    from ditfuse.convert import _fuse_qkv
+
+    g = torch.Generator().manual_seed(0)
+    parts = {n: {"A": torch.randn(2, 6, generator=g), "B": torch.randn(4, 2, generator=g)}
+             for n in ("to_k", "to_q", "to_v")}  # deliberately not q, k, v
+    a, b = _fuse_qkv(parts, {"to_q": 1.0, "to_k": 1.0, "to_v": 1.0})
+    delta = b @ a  # (12, 6)
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        torch.testing.assert_close(delta[4 * i:4 * (i + 1)], parts[name]["B"] @ parts[name]["A"])
