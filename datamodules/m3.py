@@ -243,7 +243,10 @@ def _median_filter(tiles: Tensor, kernel: Tensor, b: int, halo: int) -> Tensor:
         for d in range(-halo, halo + 1):
             x = window(d + halo)
             beyond = radius < abs(d)
-            out.append(x.masked_fill(beyond, 0 if d < 0 else 255) if bool(beyond.any()) else x)
+            if bool(beyond.any()):  # min/max with a per-tile bound: ~30x faster than masked_fill here
+                bound = (~beyond if d < 0 else beyond).to(torch.uint8) * 255  # (n, 1, 1, 1)
+                x = torch.minimum(x, bound) if d < 0 else torch.maximum(x, bound)
+            out.append(x)
         return out
 
     rows = _median_of(taps(lambda i: sub[..., i:i + b]))  # (n, C, b+2h, b)
@@ -257,35 +260,29 @@ def _blur_tiles(tiles: Tensor, p: _BlockParams, b: int, halo: int) -> Tensor:
     Two passes in all: the Gaussian/box tiles together, the median tiles together."""
     out = torch.empty(*tiles.shape[:2], b, b, dtype=tiles.dtype)
     median = p.blur_kind == BLURS.index("median")
-    if (~median).any():
-        lin = (~median).nonzero().flatten()
-        out[lin] = _separable_filter(tiles[lin], _linear_kernels(_take(p, lin), 2 * halo + 1), b, halo)
-    if median.any():
-        med = median.nonzero().flatten()
-        out[med] = _median_filter(tiles[med], p.kernel[med], b, halo)
+    lin, med = (~median).nonzero().flatten(), median.nonzero().flatten()
+    if len(lin):
+        kern = _linear_kernels(_take(p, lin), 2 * halo + 1)
+        out.index_copy_(0, lin, _separable_filter(tiles.index_select(0, lin), kern, b, halo))
+    if len(med):
+        out.index_copy_(0, med, _median_filter(tiles.index_select(0, med), p.kernel[med], b, halo))
     return out
 
 
-def _add_noise(dst: Tensor, src: Tensor, at: tuple[Tensor, Tensor, Tensor], p: _BlockParams,
-               g: torch.Generator) -> None:
-    """Write noisy copies of src blocks into dst: Gaussian or salt-and-pepper per block.
-
-    dst: (2, gh, gw, C, b, b) block view of the output; src: the clean (C, gh*b, gw*b) image;
-    `at` = (view, row, col) of the noise blocks, p their parameters. Each kind is gathered, noised
-    and scattered once."""
-    v, r, cc = at
-    b = dst.shape[-1]
+def _noisy(x: Tensor, p: _BlockParams, g: torch.Generator) -> Tensor:
+    """Noisy copies of clean tiles x (n, C, b, b): Gaussian or salt-and-pepper per tile."""
+    n, c, b, _ = x.shape
+    out = torch.empty_like(x)
     gauss = p.noise_kind == NOISES.index("gaussian")
-    if gauss.any():
-        sigma = p.noise_sigma[gauss].view(-1, 1, 1, 1)
-        x = _gather_tiles(src, b, b, r[gauss], cc[gauss])  # (n, C, b, b)
-        dst[v[gauss], r[gauss], cc[gauss]] = x.add_(torch.randn(x.shape, generator=g) * sigma).clamp_(0.0, 1.0)
-    sp = ~gauss
-    if sp.any():
-        u = torch.rand((int(sp.sum()), 1, b, b), generator=g)  # salt and pepper hits all channels of a pixel
+    at, sp = gauss.nonzero().flatten(), (~gauss).nonzero().flatten()
+    if len(at):
+        noise = torch.randn((len(at), c, b, b), generator=g).mul_(p.noise_sigma[at].view(-1, 1, 1, 1))
+        out.index_copy_(0, at, noise.add_(x.index_select(0, at)).clamp_(0.0, 1.0))
+    if len(sp):
+        u = torch.rand((len(sp), 1, b, b), generator=g)  # salt and pepper hits all channels of a pixel
         prob = p.sp_prob[sp].view(-1, 1, 1, 1)
-        x = _gather_tiles(src, b, b, r[sp], cc[sp])
-        dst[v[sp], r[sp], cc[sp]] = torch.where(u < prob / 2, 0.0, torch.where(u > 1 - prob / 2, 1.0, x))
+        out.index_copy_(0, sp, torch.where(u < prob / 2, 0.0, torch.where(u > 1 - prob / 2, 1.0, x.index_select(0, sp))))
+    return out
 
 
 def _take(p: _BlockParams, sel: Tensor) -> _BlockParams:
@@ -297,32 +294,35 @@ def _degrade_both(grid: Tensor, padded: Tensor | None, b: int, op: Tensor, hit: 
     """Both views at once: (2, C, H', W') copies of the grid-sized clean image with every hit
     block degraded by its op.
 
-    op (nb,), hit (2, nb), p over 2*nb (view-major). The two views are one batch, so each op runs
-    once on all the blocks of both views that need it; blocks are gathered and scattered through
-    (gh, gw, C, b, b) views, and untouched blocks stay bit-identical."""
+    op (nb,), hit (2, nb), p over 2*nb (view-major). Works in block-major layout: the clean blocks
+    become one contiguous (nb, C, b, b) stack, both views start as a copy of it, each op runs once
+    on all the blocks of both views that need it, and its results are copied over their slots
+    (index_copy_ on a contiguous stack is a memcpy per block, several times faster than scattering
+    into a strided image view). One permute brings the views back to images; untouched blocks stay
+    bit-identical."""
     c, hh, ww = grid.shape
     gh, gw = hh // b, ww // b
     nb = gh * gw
-    out = grid.expand(2, c, hh, ww).clone()
-    dst = out.view(2, c, gh, b, gw, b).permute(0, 2, 4, 1, 3, 5)  # (2, gh, gw, C, b, b)
+    tiles = _grid(grid, b).reshape(nb, c, b, b)  # (nb, C, b, b), row-major blocks
+    out = tiles.repeat(2, 1, 1, 1)  # (2*nb, C, b, b): view 1's blocks, then view 2's
     op2 = op.repeat(2)  # (2*nb,)
 
-    def chosen(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def chosen(name: str) -> tuple[Tensor, Tensor]:
+        """Slots in `out` that get op `name`, and their block index."""
         idx = ((op2 == OPS.index(name)) & hit.flatten()).nonzero().flatten()
-        blk = idx % nb
-        return idx, idx // nb, blk // gw, blk % gw
+        return idx, idx % nb
 
-    idx, v, r, cc = chosen("mask")
+    idx, _ = chosen("mask")
     if len(idx):
-        dst[v, r, cc] = torch.rand((len(idx), c, b, b), generator=g)  # uniform random noise
-    idx, v, r, cc = chosen("blur")
+        out.index_copy_(0, idx, torch.rand((len(idx), c, b, b), generator=g))  # uniform random noise
+    idx, blk = chosen("blur")
     if len(idx):
-        haloed = _gather_tiles(padded, b, b + 2 * halo, r, cc)  # type: ignore[arg-type]
-        dst[v, r, cc] = _blur_tiles(haloed, _take(p, idx), b, halo)
-    idx, v, r, cc = chosen("noise")
+        haloed = _gather_tiles(padded, b, b + 2 * halo, blk // gw, blk % gw)  # type: ignore[arg-type]
+        out.index_copy_(0, idx, _blur_tiles(haloed, _take(p, idx), b, halo))
+    idx, blk = chosen("noise")
     if len(idx):
-        _add_noise(dst, grid, (v, r, cc), _take(p, idx), g)
-    return out
+        out.index_copy_(0, idx, _noisy(tiles.index_select(0, blk), _take(p, idx), g))
+    return out.view(2, gh, gw, c, b, b).permute(0, 3, 1, 4, 2, 5).reshape(2, c, hh, ww)
 
 
 def m3_views(clean: Tensor, cfg: M3Config, g: torch.Generator) -> M3Result:
