@@ -6,11 +6,12 @@ except a configured fraction of blocks that is degraded in both views with the s
 operation (official make_M3_data.py: 1/4). Per-block choices are drawn as tensors from a
 generator seeded by (seed, key), so a pair is reproducible. See ../shared/docs/SHARDS.md.
 
-Vectorised in tile space: the image becomes (nb, C, b, b) tiles; each op runs once on all the
-tiles that need it (masking and noise as batched random tensors, Gaussian/box blur as one grouped
-separable convolution with a kernel per tile, median as a separable min/max network per kernel
-size), and the tiles fold back. Undegraded tiles are copied untouched, so outside blocks degraded
-in both views the clean image is exactly recoverable from the undegraded view.
+Vectorised over blocks: each op runs once on all the blocks of both views that need it (masking
+and noise as batched random tensors, Gaussian/box blur as one separable filter with a kernel per
+block, median as a separable min/max network), reading only those blocks (plus a mirrored halo
+for blur) and copying the results into one output buffer per pair. Undegraded blocks are copied
+untouched, so outside blocks degraded in both views the clean image is exactly recoverable from
+the undegraded view.
 """
 
 from __future__ import annotations
@@ -142,36 +143,46 @@ def _draw_params(cfg: M3Config, nb: int, g: torch.Generator) -> _BlockParams:
 def _pad(x: Tensor, left: int, right: int, top: int, bottom: int) -> Tensor:
     """Pad (C, H, W) by edge reflection (replicate where the image is too small to reflect).
 
-    Reflection is ~20x faster than replicate padding in torch on CPU; the pad only feeds blur
-    context and the cropped-away part of edge tiles, so either is fine."""
+    Reflection is ~20x faster than replicate padding in torch on CPU; the pad only fills the
+    cropped-away part of edge blocks (and, mirrored the same way by _gather_haloed, blur context),
+    so either is fine."""
     if not (left or right or top or bottom):
         return x
     small = max(left, right) >= x.shape[2] or max(top, bottom) >= x.shape[1]
     return F.pad(x[None], (left, right, top, bottom), mode="replicate" if small else "reflect")[0]
 
 
-def _grid(x: Tensor, b: int) -> Tensor:
-    """(C, gh*b, gw*b) contiguous -> (gh, gw, C, b, b) view (no copy): [r, c] is block (r, c)."""
-    c, hh, ww = x.shape
-    return x.view(c, hh // b, b, ww // b, b).permute(1, 3, 0, 2, 4)
+def _block_rows(shape: torch.Size, b: int, v: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """Where blocks (v, r, c) of a contiguous (V, C, gh*b, gw*b) tensor lie when it is seen as
+    (-1, b) rows of b pixels: (n*C*b,) row indices in (block, channel, y) order, so index_select /
+    index_copy_ with them move (n, C, b, b) blocks as one memcpy of b pixels per row (several
+    times faster on CPU than advanced indexing of a permuted block view)."""
+    _, ch, hh, ww = shape
+    y = torch.arange(ch)[:, None] * hh + torch.arange(b)  # (C, b) image row of each block row
+    top = (v * ch * hh + r * b)[:, None, None]  # (n, 1, 1)
+    return ((top + y) * (ww // b) + c[:, None, None]).flatten()
 
 
-def _padded_for_halo(x: Tensor, b: int, halo: int) -> Tensor:
-    """x (a whole grid of b-blocks) padded by `halo` context pixels on every side."""
-    return _pad(x, halo, halo, halo, halo)
+def _reflect(i: Tensor, n: int, small: bool) -> Tensor:
+    """Pixel indices mirrored into [0, n) as reflect padding does (clamped where the image is
+    too small to reflect, as in _pad)."""
+    if small:
+        return i.clamp(0, n - 1)
+    i = i.abs()
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
 
 
-def _gather_tiles(img: Tensor, b: int, t: int, rows: Tensor, cols: Tensor) -> Tensor:
-    """The t x t windows at (row*b, col*b) of a contiguous (C, H, W) image -> (n, C, t, t).
-
-    Few windows: stacked slices; many: one index_select with flat pixel offsets. Both are several
-    times faster on CPU than advanced indexing of a strided (unfold / permuted) view."""
-    if len(rows) <= 64:
-        return torch.stack([img[:, r * b:r * b + t, c * b:c * b + t] for r, c in zip(rows.tolist(), cols.tolist())])
-    c, _, w = img.shape
-    origin = rows * b * w + cols * b  # (n,)
-    ar = torch.arange(t)
-    idx = origin[:, None, None] + ar[None, :, None] * w + ar[None, None, :]  # (n, t, t)
+def _gather_haloed(img: Tensor, b: int, halo: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """Blocks (rows, cols) of a contiguous (C, H, W) image with `halo` context pixels on every
+    side, mirrored at the image edge like _pad: (n, C, b+2h, b+2h), read with one index_select
+    (no padded copy of the whole image)."""
+    c, hh, ww = img.shape
+    small = halo >= min(hh, ww)
+    ar = torch.arange(-halo, b + halo)
+    ys = _reflect(rows[:, None] * b + ar, hh, small)  # (n, t)
+    xs = _reflect(cols[:, None] * b + ar, ww, small)
+    idx = ys[:, :, None] * ww + xs[:, None, :]  # (n, t, t) flat pixel offsets
+    t = len(ar)
     return img.reshape(c, -1).index_select(1, idx.flatten()).view(c, len(rows), t, t).transpose(0, 1)
 
 
@@ -204,25 +215,34 @@ def _separable_filter(tiles: Tensor, kern: Tensor, b: int, halo: int) -> Tensor:
 
 
 @functools.cache
-def _median_network(k: int) -> tuple[tuple[int, int], ...]:
-    """Compare-exchanges (i, i+1) of an odd-even transposition sort of k values, pruned to those
-    the middle output depends on (walking the network backwards from wire k//2)."""
-    full = [(i, i + 1) for rnd in range(k) for i in range(rnd % 2, k - 1, 2)]
-    needed, kept = {k // 2}, []
-    for i, j in reversed(full):
-        if i in needed or j in needed:
-            needed |= {i, j}
-            kept.append((i, j))
-    return tuple(reversed(kept))
+def _median_rounds(k: int) -> tuple[tuple[int, int, int], ...]:
+    """An odd-even transposition sort of k wires as rounds (parity, lo, hi): round parity p
+    compare-exchanges wires (p+2j, p+2j+1) for j in [lo, hi). Pruned to the pairs the middle wire
+    depends on (walking the network backwards from wire k//2); they stay contiguous in j."""
+    needed, rounds = {k // 2}, []
+    for rnd in reversed(range(k)):
+        par = rnd % 2
+        js = [j for j in range((k - par) // 2) if {par + 2 * j, par + 2 * j + 1} & needed]
+        if js:
+            needed |= {w for j in js for w in (par + 2 * j, par + 2 * j + 1)}
+            rounds.append((par, js[0], js[-1] + 1))
+    return tuple(reversed(rounds))
 
 
-def _median_of(slices: list[Tensor]) -> Tensor:
-    """Elementwise median of k same-shape tensors (k odd) with a min/max network: whole-tensor
-    ops only, many times faster on CPU than `Tensor.median` over a small unfolded dimension."""
-    s = list(slices)
-    for i, j in _median_network(len(s)):
-        s[i], s[j] = torch.minimum(s[i], s[j]), torch.maximum(s[i], s[j])
-    return s[len(s) // 2]
+def _median_of(wires: Tensor) -> Tensor:
+    """Median along dim 0 of wires (k, ...) (k odd), sorting in place with a min/max network.
+
+    A round's compare-exchanges are disjoint, so each round is three whole-tensor calls on the
+    even / odd wire views: ~3k calls instead of ~k*k/2 for a pair at a time, and many times faster
+    on CPU than `Tensor.median` over a small unfolded dimension."""
+    even, odd = wires[0::2], wires[1::2]
+    for par, lo, hi in _median_rounds(len(wires)):
+        # pair j is (even[j], odd[j]) in even rounds, (odd[j], even[j+1]) in odd ones
+        a, b = (even[lo:hi], odd[lo:hi]) if par == 0 else (odd[lo:hi], even[lo + 1:hi + 1])
+        small = torch.minimum(a, b)
+        torch.maximum(a, b, out=b)
+        a.copy_(small)
+    return wires[len(wires) // 2]
 
 
 def _median_filter(tiles: Tensor, kernel: Tensor, b: int, halo: int) -> Tensor:
@@ -236,22 +256,20 @@ def _median_filter(tiles: Tensor, kernel: Tensor, b: int, halo: int) -> Tensor:
     """
     # on 8-bit levels: exact for 8-bit sources, and uint8 min/max move 4x less memory
     sub = (tiles * 255).round_().to(torch.uint8)
-    radius = (kernel // 2).view(-1, 1, 1, 1)
+    d = torch.arange(-halo, halo + 1)[:, None]  # (2h+1, 1) tap offsets
+    beyond = (kernel // 2)[None] < d.abs()  # (2h+1, n)
+    shape = (2 * halo + 1, len(kernel), 1, 1, 1)
+    low = torch.where(beyond, 255, 0).to(torch.uint8).view(shape)  # right sentinels: 255
+    high = torch.where(beyond, 0, 255).to(torch.uint8).view(shape)  # left sentinels: 0
 
-    def taps(window) -> list[Tensor]:
-        out = []
-        for d in range(-halo, halo + 1):
-            x = window(d + halo)
-            beyond = radius < abs(d)
-            if bool(beyond.any()):  # min/max with a per-tile bound: ~30x faster than masked_fill here
-                bound = (~beyond if d < 0 else beyond).to(torch.uint8) * 255  # (n, 1, 1, 1)
-                x = torch.minimum(x, bound) if d < 0 else torch.maximum(x, bound)
-            out.append(x)
-        return out
+    def median_along(x: Tensor, dim: int) -> Tensor:
+        taps = x.unfold(dim, 2 * halo + 1, 1).movedim(-1, 0)  # (2h+1, n, C, ., .) view
+        wires = taps.contiguous()  # (2h+1, n, C, ., .): each wire a contiguous slice
+        torch.minimum(wires[:halo], high[:halo], out=wires[:halo])  # sentinels, in place
+        torch.maximum(wires[halo + 1:], low[halo + 1:], out=wires[halo + 1:])
+        return _median_of(wires)
 
-    rows = _median_of(taps(lambda i: sub[..., i:i + b]))  # (n, C, b+2h, b)
-    med = _median_of(taps(lambda i: rows[..., i:i + b, :]))  # (n, C, b, b)
-    return med.float().mul_(1 / 255)
+    return median_along(median_along(sub, 3), 2).float().mul_(1 / 255)  # rows, then columns
 
 
 def _blur_tiles(tiles: Tensor, p: _BlockParams, b: int, halo: int) -> Tensor:
@@ -289,40 +307,44 @@ def _take(p: _BlockParams, sel: Tensor) -> _BlockParams:
     return _BlockParams(*(getattr(p, f)[sel] for f in p.__dataclass_fields__))
 
 
-def _degrade_both(grid: Tensor, padded: Tensor | None, b: int, op: Tensor, hit: Tensor, p: _BlockParams,
-                  halo: int, g: torch.Generator) -> Tensor:
+def _degrade_both(grid: Tensor, b: int, op: Tensor, hit: Tensor, p: _BlockParams, halo: int,
+                  g: torch.Generator) -> Tensor:
     """Both views at once: (2, C, H', W') copies of the grid-sized clean image with every hit
     block degraded by its op.
 
-    op (nb,), hit (2, nb), p over 2*nb (view-major). Works in block-major layout: the clean blocks
-    become one contiguous (nb, C, b, b) stack, both views start as a copy of it, each op runs once
-    on all the blocks of both views that need it, and its results are copied over their slots
-    (index_copy_ on a contiguous stack is a memcpy per block, several times faster than scattering
-    into a strided image view). One permute brings the views back to images; untouched blocks stay
-    bit-identical."""
+    op (nb,), hit (2, nb), p over 2*nb (view-major). The two views are one batch, so each op runs
+    once on all the blocks of both views that need it. Only those blocks are gathered (with their
+    halo for blur) and processed; results are copied into the one output buffer, and untouched
+    blocks stay bit-identical. Full-image temporaries are avoided on purpose: on CPU each fresh
+    image-sized buffer costs its page faults, more than the degradations of 32/64 px blocks."""
     c, hh, ww = grid.shape
-    gh, gw = hh // b, ww // b
-    nb = gh * gw
-    tiles = _grid(grid, b).reshape(nb, c, b, b)  # (nb, C, b, b), row-major blocks
-    out = tiles.repeat(2, 1, 1, 1)  # (2*nb, C, b, b): view 1's blocks, then view 2's
+    gw = ww // b
+    nb = (hh // b) * gw
+    out = torch.cat((grid, grid)).view(2, c, hh, ww)
+    rows_of_out = out.view(-1, b)  # (2*C*H'*gw, b): rows of b pixels, see _block_rows
     op2 = op.repeat(2)  # (2*nb,)
 
-    def chosen(name: str) -> tuple[Tensor, Tensor]:
-        """Slots in `out` that get op `name`, and their block index."""
+    def chosen(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Slots (view-major block indices) that get op `name`: index into p, view, row, col."""
         idx = ((op2 == OPS.index(name)) & hit.flatten()).nonzero().flatten()
-        return idx, idx % nb
+        blk = idx % nb
+        return idx, idx // nb, blk // gw, blk % gw
 
-    idx, _ = chosen("mask")
+    def put(v: Tensor, r: Tensor, cc: Tensor, blocks: Tensor) -> None:
+        rows_of_out.index_copy_(0, _block_rows(out.shape, b, v, r, cc), blocks.reshape(-1, b))
+
+    idx, v, r, cc = chosen("mask")
     if len(idx):
-        out.index_copy_(0, idx, torch.rand((len(idx), c, b, b), generator=g))  # uniform random noise
-    idx, blk = chosen("blur")
+        put(v, r, cc, torch.rand((len(idx), c, b, b), generator=g))  # uniform random noise
+    idx, v, r, cc = chosen("blur")
     if len(idx):
-        haloed = _gather_tiles(padded, b, b + 2 * halo, blk // gw, blk % gw)  # type: ignore[arg-type]
-        out.index_copy_(0, idx, _blur_tiles(haloed, _take(p, idx), b, halo))
-    idx, blk = chosen("noise")
+        put(v, r, cc, _blur_tiles(_gather_haloed(grid, b, halo, r, cc), _take(p, idx), b, halo))
+    idx, v, r, cc = chosen("noise")
     if len(idx):
-        out.index_copy_(0, idx, _noisy(tiles.index_select(0, blk), _take(p, idx), g))
-    return out.view(2, gh, gw, c, b, b).permute(0, 3, 1, 4, 2, 5).reshape(2, c, hh, ww)
+        rows = _block_rows(out.shape, b, torch.zeros_like(v), r, cc)  # the clean blocks, in view 1's slots
+        clean = grid.view(-1, b).index_select(0, rows).view(len(idx), c, b, b)
+        put(v, r, cc, _noisy(clean, _take(p, idx), g))
+    return out
 
 
 def m3_views(clean: Tensor, cfg: M3Config, g: torch.Generator) -> M3Result:
@@ -345,8 +367,7 @@ def m3_views(clean: Tensor, cfg: M3Config, g: torch.Generator) -> M3Result:
     params = _draw_params(cfg, 2 * nb, g)
     halo = max(cfg.blur_kernels) // 2
     grid = _pad(clean, 0, gw * b - w, 0, gh * b - h).contiguous()  # whole blocks; cropped back below
-    padded = _padded_for_halo(grid, b, halo) if (op == OPS.index("blur")).any() else None
-    out = _degrade_both(grid, padded, b, op, hit, params, halo, g)[:, :, :h, :w]
+    out = _degrade_both(grid, b, op, hit, params, halo, g)[:, :, :h, :w]
     return M3Result(out[0], out[1], clean, b, op.reshape(gh, gw), who.reshape(gh, gw))
 
 
