@@ -53,7 +53,9 @@ def fit_cmd(config: Path, *extra: str) -> list[str]:
 def fit_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
-    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    # one intra-op thread per process: DDP ranks get that anyway, so single-process and DDP
+    # step rates compare per process; the tiny model gains nothing from more on a shared CPU
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return env
 
 
