@@ -408,8 +408,8 @@ def sbatch_script(points: list[Point], paths: list[Path], out: Path, sweep_name:
                   extra: list[str], workdir: Path) -> str:
     cfg = points[0].config
     nodes = _trainer_value(cfg, "num_nodes", 1)
-    devices = _trainer_value(cfg, "devices", 1)
-    devices = devices if isinstance(devices, int) else 1
+    devices_cfg = _trainer_value(cfg, "devices", 1)
+    devices = devices_cfg if isinstance(devices_cfg, int) else 1
     gpu = str(_trainer_value(cfg, "accelerator", "auto")) in ("gpu", "cuda", "auto")
     lines = [
         "#!/bin/bash",
@@ -417,6 +417,9 @@ def sbatch_script(points: list[Point], paths: list[Path], out: Path, sweep_name:
         f"# Submit: sbatch {out.resolve() / 'sweep.sbatch'}    Compare: tensorboard --logdir {out.resolve() / 'tb'}",
         "# One task per device (Lightning's SLURMEnvironment reads the srun layout); SIGUSR1 90 s",
         "# before the time limit makes Lightning save runs/<point>/hpc_ckpt_*.ckpt and requeue the task.",
+        *([f"# trainer.devices is {devices_cfg!r}: one task is requested per node; set trainer.devices (and these",
+           "# lines) to the GPUs per node, or add --config configs/cluster/ddp_a100.yaml"]
+          if devices_cfg != devices else []),
         f"#SBATCH --job-name={sweep_name}",
         f"#SBATCH --array=0-{len(points) - 1}",
         f"#SBATCH --nodes={nodes}",
@@ -432,6 +435,7 @@ def sbatch_script(points: list[Point], paths: list[Path], out: Path, sweep_name:
         *(f"#SBATCH --{e.lstrip('-')}" for e in extra),
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir))}",
+        "# (activate the environment that provides `ditfuse` here if the job does not inherit it)",
         "CONFIGS=(",
         *(f"  {shlex.quote(str(p.resolve()))}" for p in paths),
         ")",
@@ -479,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True, type=Path,
                    help="base config; repeat to compose (later files override earlier ones)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="one grid axis over a dotted config key; repeat for a cartesian product")
+                   help="one grid axis over a dotted config key; repeat for a cartesian product. "
+                        "Keys that move together: K1,K2=a1:a2,b1:b2 (one ':'-joined value per key)")
     p.add_argument("--grid-file", action="append", default=[], type=Path,
                    help="YAML file of axes (key: [values], or axis: [{key: value, ...}, ...])")
     p.add_argument("--out", type=Path, help="output folder (default sweeps/<config name>)")
@@ -528,6 +533,7 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
                    for p, path in zip(points, paths)],
     }
     write_manifest(out, manifest)
+    (out / "slurm").mkdir(exist_ok=True)  # SLURM does not create the --output folder
     script = out / "sweep.sbatch"
     script.write_text(sbatch_script(points, paths, out, sweep_name, args.slurm, workdir))
     script.chmod(0o755)
