@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 
 def _as_dict(ns: Any) -> Any:
@@ -78,11 +78,16 @@ def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
     args = list(args)
     # `ditfuse fit ...` passes sys.argv[1:] explicitly; LightningCLI warns when both are set
     cli_args = None if args == sys.argv[1:] else args
+    subcommand = args[0] if args else None
+    # fit/validate/test save the resolved config next to the logs (overwritten on a requeue);
+    # predict has no log folder, and a config.yaml dropped into the working directory helps nobody
+    save_config = {} if subcommand == "predict" else {"save_config_kwargs": {"overwrite": True}}
     return DiTFuseCLI(
         DiTFuseModule,
-        datamodule_for(args[0] if args else None),
+        datamodule_for(subcommand),
         args=cli_args,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=None if subcommand == "predict" else SaveConfigCallback,
+        **save_config,
         parser_kwargs={"default_env": False},
     )
