@@ -17,7 +17,7 @@ SHARED_IVIF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 
 
 class _NoNetwork(socket.socket):
-    def connect(self, address):  # noqa: D401 - guard
+    def connect(self, address):
         host = address[0] if isinstance(address, tuple) else address
         if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1")) or \
                 self.family == socket.AF_UNIX:
@@ -39,3 +39,24 @@ def ivif_dir() -> Path:
     if not SHARED_IVIF.is_dir():
         pytest.skip("../shared/data/ivif is absent (fresh clone)")
     return SHARED_IVIF
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """The scikit-image demo shards, built once per test module."""
+    from datamodules.demo import build_demo
+
+    path = tmp_path_factory.mktemp("demo")
+    build_demo(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread: on a shared 2-core runner OpenMP threads oversubscribe (~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from _fit import override, run_fit
 from _runlog import read_runlog
+
 from callbacks.seeding import RankSeed, step_seed
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from datamodules.demo import build_demo
-
-    path = tmp_path_factory.mktemp("demo")
-    build_demo(path)
-    return path
 
 
 def steps_per_second(records: list[dict]) -> float:

@@ -16,14 +16,7 @@ import torch
 from ditfuse import cli, evaluate
 from ditfuse.metrics import CONVENTION, METRIC_NAMES, compute_fusion_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner OpenMP threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(seed: int, h: int = 48, w: int = 64, gray: bool = False) -> np.ndarray:

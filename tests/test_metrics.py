@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 
+import _reference_metrics as ref
 import cv2
 import numpy as np
 import pytest
 import torch
 
-import _reference_metrics as ref
 from ditfuse.metrics import (
     CONVENTION,
     METRIC_NAMES,
@@ -24,13 +24,7 @@ from ditfuse.metrics import (
 RTOL = 1e-4  # METRICS.md: reproduce the evaluator to 1e-4 relative
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner OpenMP threads oversubscribe (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _t(img: np.ndarray) -> torch.Tensor:
@@ -49,7 +43,7 @@ def _triple(seed: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     vis = np.stack([60 + 150 * yy, 200 * xx, 90 + 40 * np.sin(9 * yy)], -1) + rng.normal(0, 12, (h, w, 3))
     vis[: h // 5, -w // 5 :] = 255  # saturated corner
     fused = 0.6 * ir[..., None] + 0.5 * vis + rng.normal(0, 3, (h, w, 3))
-    to8 = lambda x: np.clip(np.round(x), 0, 255).astype(np.uint8)  # noqa: E731
+    to8 = lambda x: np.clip(np.round(x), 0, 255).astype(np.uint8)
     return to8(np.repeat(ir[..., None], 3, -1)), to8(vis), to8(fused)
 
 

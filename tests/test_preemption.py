@@ -20,21 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _fit import ROOT, fit_cmd, fit_env, override, run_fit
 from _runlog import read_runlog
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from datamodules.demo import build_demo
-
-    path = tmp_path_factory.mktemp("demo")
-    build_demo(path)
-    return path
 
 
 def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 400) -> None:
