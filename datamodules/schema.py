@@ -2,7 +2,8 @@
 
 A shard is a WebDataset tar `{kind}-%06d.tar`; a sample is the consecutive members that share a
 key (the member path up to the first dot of its file name); the rest of the name is the field
-(`img1.png`, `json`, ...).
+(`img1.png`, `json`, ...). Shards are read through the webdataset library, so a shard may be a
+local path or anything its opener takes (`pipe:CMD`, `http(s)://...`, ...).
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-
-from braceexpand import braceexpand
 
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
@@ -45,32 +45,55 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), field
 
 
-def iter_tar(path: str | Path) -> Iterator[dict]:
-    """Samples of one tar, in order: {"__key__", "__shard__", field: bytes, ...}.
+def is_url(spec: str) -> bool:
+    """True for what webdataset's opener handles itself (`pipe:`, `http(s)://`, `s3://`, ...)."""
+    return bool(_URL_RE.match(spec))
 
-    Raises ShardReadError (after yielding every complete sample before the damage) when the tar
-    is truncated or not a tar at all.
+
+_URL_RE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]+://)")
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Samples of one shard in order, read with webdataset's stages: `gopen` (local path, `pipe:`,
+    http(s), the other schemes it knows) -> `tar_file_expander` -> `group_by_keys`.
+
+    Each sample is {"__key__", "__shard__", field: bytes, ...}. Raises ShardReadError (after
+    yielding every complete sample before the damage) when the tar is truncated, garbage, or its
+    stream fails; the sample cut at the damage is dropped (group_by_keys still holds it).
     """
-    path = str(path)
-    current: dict | None = None
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:  # streaming: no seek, no member index
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, field = split_name(member.name)
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": path}
-                current[field] = data
+        stream = gopen(url, "rb")
+        files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+        for sample in group_by_keys(files):
+            sample["__shard__"] = sample.pop("__url__", url)
+            yield sample
+        _close(stream)  # a pipe's exit status is only known here
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        # the partial sample at the damage is dropped: its fields may be incomplete
-        raise ShardReadError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
-    if current is not None:
-        yield current
+        raise ShardReadError(f"{url}: unreadable shard ({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        if stream is not None:
+            try:
+                _close(stream)
+            except (OSError, ValueError):
+                pass  # already reported above
+
+
+def _close(stream) -> None:
+    if not getattr(stream, "closed", False) and not getattr(getattr(stream, "stream", None), "closed", False):
+        stream.close()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e.args[0] if e.args else e).splitlines()[0][:300]
+
+
+def iter_tar(path: str | Path) -> Iterator[dict]:
+    """`read_shard` under its old name (notebooks and scripts use it)."""
+    return read_shard(str(path))
 
 
 def image_field(sample: dict, stem: str) -> str | None:
@@ -127,11 +150,18 @@ def check_sample(kind: str, sample: dict) -> dict:
 
 
 def expand_shards(spec: str | list[str] | tuple[str, ...], setting: str = "shards") -> list[str]:
-    """Glob and brace patterns (`data/m3-{000000..000009}.tar`) or lists of them -> sorted tar paths."""
+    """Shard specs -> sorted shard URLs. Local: paths, folders (their *.tar), globs, brace patterns
+    (`data/m3-{000000..000009}.tar`); remote: `pipe:` commands and URLs, brace-expanded (webdataset's
+    `expand_urls`, so `::` joins lists too) and checked only when read."""
+    from webdataset.shardlists import expand_urls
+
     patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     paths: list[str] = []
     for pattern in patterns:
-        for p in braceexpand(str(pattern)):
+        for p in expand_urls(str(pattern)):
+            if is_url(p):
+                paths.append(p)
+                continue
             p = os.path.expanduser(p)
             if os.path.isdir(p):
                 paths += sorted(glob.glob(os.path.join(p, "*.tar")))

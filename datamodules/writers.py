@@ -8,16 +8,15 @@ so the loader can stretch thermal images without losing their contrast.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from tqdm import tqdm
 
 from datamodules.io import (
@@ -27,46 +26,61 @@ from datamodules.io import (
     read_image,
     value_range,
 )
-from datamodules.schema import NOT_A_CLASS, shard_name
+from datamodules.schema import NOT_A_CLASS
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 
 class TarShardWriter:
-    """Writes samples into `out/{kind}-000000.tar`, `-000001.tar`, ... with `shard_size` samples each.
+    """Writes samples into `out/{kind}-000000.tar`, `-000001.tar`, ... through webdataset's
+    `ShardWriter`: a new shard starts after `shard_size` samples or once a shard holds
+    `max_bytes` bytes of payload (the sample that crosses it stays whole, in the shard it started).
 
-    Members get a fixed mtime and owner so the same input gives byte-identical shards.
+    Members get a fixed mtime (0) so the same input gives byte-identical shards. The first shard is
+    opened with the first sample: nothing written leaves no empty tar behind.
     """
 
-    def __init__(self, out: str | Path, kind: str, shard_size: int = 1000):
+    def __init__(self, out: str | Path, kind: str, shard_size: int = 1000, max_bytes: float | None = None):
         if shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"--max-shard-bytes must be > 0, got {max_bytes}")
         self.out, self.kind, self.shard_size = Path(out), kind, shard_size
+        self.max_bytes = float(max_bytes) if max_bytes else 3e12  # ShardWriter needs a number
         self.out.mkdir(parents=True, exist_ok=True)
         self.paths: list[Path] = []
         self.count = 0
-        self._tar: tarfile.TarFile | None = None
+        self._sink: wds.ShardWriter | None = None
+        self._file = None
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys there)")
-        if self._tar is None or self.count % self.shard_size == 0:
-            self._next()
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
+        if self._sink is None:
+            pattern = str(self.out / f"{self.kind}-%06d.tar")
+            self._sink = wds.ShardWriter(pattern, maxcount=self.shard_size, maxsize=self.max_bytes, verbose=0,
+                                         encoder=False, mtime=0, user="", group="", mode=0o644,
+                                         opener=self._open)
+        self._sink.write({"__key__": key, **files})
         self.count += 1
 
-    def _next(self) -> None:
-        self.close()
-        path = self.out / shard_name(self.kind, len(self.paths))
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in close()
-        self.paths.append(path)
+    def _open(self, fname: str):
+        # ShardWriter closes the previous tar before it opens the next file, but never closes a
+        # file that `opener` gave it: that is ours to do
+        self._close_file()
+        self.paths.append(Path(fname))
+        self._file = open(fname, "wb")  # noqa: SIM115 - closed in _close_file
+        return self._file
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        self._close_file()
 
     def __enter__(self) -> TarShardWriter:  # noqa: PYI034 - final class, py3.10 has no typing.Self
         return self
