@@ -1,17 +1,18 @@
-"""Infinite per-source streams, the ratio mixer, bad-sample accounting, the validation set.
+"""The ratio mixer over the per-source streams, bad-sample accounting, the validation set.
 
-Stream layout: every (rank, worker) pair is one stream `sid` of `n = world_size * num_workers`.
-A source with at least `n` shards gives stream `sid` the shards `sid::n`; a source with fewer
-shards gives every stream every shard but only the samples `(i + shard_index) % n == sid`. Either
-way streams never see each other's samples. Each stream cycles over its part forever, reshuffling
-the shard order every pass and the samples through a buffer ("resampled"); an epoch is a fixed
-number of batches cut from that stream, seeded by (seed, epoch, step offset, sid).
+Every (rank, worker) pair is one stream `sid` of `n = world_size * num_workers`; each source
+kind gives it a `datamodules.streams.SourceStream` that walks the stream's own part of the shards
+in whole passes. An epoch is a fixed number of batches per rank (split over its workers); the kind
+of every row comes from a stratified schedule seeded by (seed, epoch, step, sid). With resolution
+buckets a batch holds one bucket: samples drawn for another bucket wait ("pending") for a batch of
+theirs. Each batch carries its stream's position (`STREAM_STATE`), which the DataModule keeps as
+the batches are trained on and puts in the checkpoint, so the next epoch and a resumed run
+continue each stream where it stopped.
 """
 
 from __future__ import annotations
 
 import random
-import tarfile
 import time
 import warnings
 from collections import Counter
@@ -22,11 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from datamodules.buckets import Bucket, choose_bucket, sample_hw
 from datamodules.io import ImageReadError
 from datamodules.m3 import seed_for
 from datamodules.pipelines import PipelineConfig, collate, process
-from datamodules.schema import SchemaError, ShardReadError, iter_tar, sample_json
+from datamodules.schema import SchemaError, ShardReadError, read_shard, sample_json
+from datamodules.streams import Position, SourceStream
 from ditfuse.prompts import TASKS
+
+STREAM_STATE = "__stream__"  # batch key of the producing stream's position (the loader pops it)
 
 # what a bad sample raises while decoding/processing (anything else is a bug and propagates)
 BAD_SAMPLE_ERRORS = (SchemaError, ImageReadError, ShardReadError, KeyError, ValueError, RuntimeError)
@@ -79,57 +84,6 @@ class BadSampleTracker:
                           BadSampleWarning, stacklevel=3)
 
 
-# ---------------------------------------------------------------------------------------------
-# streams
-# ---------------------------------------------------------------------------------------------
-def stream_part(shards: list[str], sid: int, n: int) -> tuple[list[tuple[int, str]], bool]:
-    """(shard index, path) of stream sid's shards, and whether samples must be filtered by index."""
-    if len(shards) >= n:
-        return [(i, s) for i, s in enumerate(shards) if i % n == sid], False
-    return list(enumerate(shards)), True
-
-
-def source_stream(kind: str, shards: list[str], sid: int, n: int, seed: int, tracker: BadSampleTracker,
-                  buffer: int = 64) -> Iterator[dict]:
-    """Infinite raw samples of one source for stream `sid` of `n` (see the module docstring)."""
-    part, filtered = stream_part(shards, sid, n)
-    rng = random.Random(seed)
-    buf: list[dict] = []
-    while True:
-        order = part[:]
-        rng.shuffle(order)
-        got = 0
-        for idx, shard in order:
-            for sample in _read_shard(shard, tracker):
-                sample_i = sample.pop("__index__")
-                if filtered and (sample_i + idx) % n != sid:
-                    continue
-                got += 1
-                if len(buf) < buffer:
-                    buf.append(sample)
-                    continue
-                j = rng.randrange(buffer)
-                yield buf[j]
-                buf[j] = sample
-        if got == 0 and not buf:
-            raise TooManyBadSamples(
-                f"{kind}: stream {sid} of {n} (ranks x workers) found no readable samples in "
-                f"{[s for _, s in part]}; check these shards (a source needs at least one sample per stream)")
-        if len(buf) < buffer:  # the whole part fits in the buffer: serve it shuffled, then reread
-            rng.shuffle(buf)
-            yield from buf
-            buf = []
-
-
-def _read_shard(shard: str, tracker: BadSampleTracker) -> Iterator[dict]:
-    try:
-        for i, sample in enumerate(iter_tar(shard)):
-            sample["__index__"] = i
-            yield sample
-    except ShardReadError as e:
-        tracker.failed(shard, str(e))
-
-
 def kind_schedule(ratios: dict[str, float], rng: random.Random, chunk: int = 64) -> Iterator[str]:
     """Infinite kinds in proportion to `ratios` (normalised), stratified per chunk.
 
@@ -168,6 +122,20 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class HoldOut:
+    """Training samples kept for validation (`data.val_holdout`): 1 in `every`, by a stable hash of
+    the sample key (independent of data.seed and of where the shards live)."""
+
+    every: int = 100
+
+    def held(self, key: str) -> bool:
+        return seed_for(0, f"holdout/{key}") % self.every == 0
+
+    def __call__(self, key: str) -> bool:  # the training streams' `keep`
+        return not self.held(key)
+
+
 @dataclass
 class StreamSpec:
     """Everything a worker needs to rebuild its streams (it is pickled to worker processes)."""
@@ -180,18 +148,24 @@ class StreamSpec:
     seed: int = 0
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 64
+    open_shards: int = 4
+    buckets: list[Bucket] | None = None
+    holdout: dict[str, HoldOut] | None = None  # kind -> what training skips
 
 
 class MixedStream(IterableDataset):
-    """Yields whole training batches (the batch dict of docs/CONTRACTS.md), exactly
-    `batches_per_epoch` per rank per epoch, split over this rank's DataLoader workers."""
+    """Yields whole training batches (the batch dict of docs/CONTRACTS.md plus STREAM_STATE),
+    exactly `batches_per_epoch` per rank per epoch, split over this rank's DataLoader workers.
+    `positions` (sid -> state, as the batches reported it) is where each stream starts."""
 
-    def __init__(self, spec: StreamSpec, rank: int = 0, world_size: int = 1):
+    def __init__(self, spec: StreamSpec, rank: int = 0, world_size: int = 1,
+                 positions: dict[int, dict] | None = None):
         self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.positions = positions or {}
         self.epoch, self.step = 0, 0
 
     def set_epoch(self, epoch: int, step: int = 0) -> None:
-        """Position in the run: a new (epoch, step) gives new samples (resumed runs included)."""
+        """Seeds the kind schedule; where the streams are comes from `positions`."""
         self.epoch, self.step = int(epoch), int(step)
 
     def __len__(self) -> int:
@@ -207,110 +181,153 @@ class MixedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         sp = self.spec
         sid, n, n_batches = self._stream_id()
-        tag = f"e{self.epoch}/s{self.step}/sid{sid}of{n}"
         tracker = BadSampleTracker(sp.max_bad_fraction)
-        streams = {k: source_stream(k, sp.shards[k], sid, n, seed_for(sp.seed, f"{tag}/{k}"), tracker,
-                                    sp.shuffle_buffer)
-                   for k, w in sp.ratios.items() if w > 0}
-        schedule = kind_schedule(sp.ratios, random.Random(seed_for(sp.seed, f"{tag}/mix")))
-        drawn = 0
+        rows = _Rows(sp, sid, n, tracker, self.positions.get(sid) or {})
+        schedule = kind_schedule(sp.ratios, random.Random(seed_for(sp.seed, f"e{self.epoch}/s{self.step}/sid{sid}of{n}/mix")))
         for _ in range(n_batches):
-            rows = []
             with _one_thread():
-                for _ in range(sp.batch_size):
-                    kind = next(schedule)
-                    rows.append(self._next_row(kind, streams[kind], tracker, f"{tag}/{drawn}"))
-                    drawn += 1
-                batch = collate(rows)
+                batch = rows.batch([next(schedule) for _ in range(sp.batch_size)])
+            batch[STREAM_STATE] = rows.state()
             yield batch
 
-    def _next_row(self, kind: str, stream: Iterator[dict], tracker: BadSampleTracker, draw: str) -> dict:
-        """The next good sample of `kind` (bad ones are skipped, counted, warned about)."""
+
+class _Rows:
+    """One worker's source streams and the samples drawn for a bucket not yet batched."""
+
+    def __init__(self, spec: StreamSpec, sid: int, n: int, tracker: BadSampleTracker, state: dict):
+        self.spec, self.sid, self.n, self.tracker = spec, sid, n, tracker
+        starts = state.get("streams", {}) if state.get("n") == n else {}
+        self.streams = {
+            k: SourceStream(k, spec.shards[k], sid, n, spec.seed, tracker.failed, buffer=spec.shuffle_buffer,
+                            open_shards=spec.open_shards, keep=(spec.holdout or {}).get(k),
+                            start=Position.of(starts.get(k)))
+            for k, w in spec.ratios.items() if w > 0}
+        self.pending: dict[str, list[dict]] = {k: [] for k in self.streams}
+        for k, wanted in (state.get("pending", {}) if starts else {}).items():
+            got = self.streams[k].fetch([tuple(p) for p in wanted])
+            self.pending[k] = [self._bucketed(got[tuple(p)]) for p in wanted if tuple(p) in got]
+
+    def state(self) -> dict:
+        return {"sid": self.sid, "n": self.n, "streams": {k: s.pos.as_list() for k, s in self.streams.items()},
+                "pending": {k: [list(s["__pos__"]) for s in v] for k, v in self.pending.items() if v}}
+
+    def batch(self, kinds: list[str]) -> dict:
+        """A batch with these kinds, all rows in the bucket of the first row."""
+        first = self._row(kinds[0], None)
+        bucket = first["__bucket__"]
+        return collate([first["row"], *(self._row(k, bucket)["row"] for k in kinds[1:])])
+
+    def _row(self, kind: str, bucket: int | None) -> dict:
+        """The next good sample of `kind` in `bucket` (any when None), processed; bad ones are
+        skipped, counted, warned about."""
         while True:
-            sample = next(stream)
+            sample = self._take(kind, bucket)
+            b = sample["__bucket__"]
+            size = self.spec.buckets[b] if self.spec.buckets else None
             try:
-                row = process(kind, sample, self.spec.cfg, seed=self.spec.seed,
-                              draw_key=f"{sample['__key__']}@{draw}", train=True)
+                row = process(kind, sample, self.spec.cfg, seed=self.spec.seed, size=size,
+                              draw_key=f"{sample['__key__']}@p{sample['__pos__'][0]}", train=True)
             except BAD_SAMPLE_ERRORS as e:
-                tracker.failed(sample.get("__shard__", "?"), f"{sample.get('__key__')}: {type(e).__name__}: {e}")
+                self.tracker.failed(sample.get("__shard__", "?"), f"{sample.get('__key__')}: {type(e).__name__}: {e}")
                 continue
-            tracker.ok()
-            return row
+            self.tracker.ok()
+            return {"row": row, "__bucket__": b}
+
+    def _take(self, kind: str, bucket: int | None) -> dict:
+        pend = self.pending[kind]
+        for i, s in enumerate(pend):  # oldest first, so no pending sample waits forever
+            if bucket is None or s["__bucket__"] == bucket:
+                return pend.pop(i)
+        while True:
+            sample = next(self.streams[kind])
+            try:
+                sample = self._bucketed(sample)
+            except BAD_SAMPLE_ERRORS as e:
+                self.tracker.failed(sample.get("__shard__", "?"), f"{sample.get('__key__')}: {e}")
+                continue
+            if bucket is None or sample["__bucket__"] == bucket:
+                return sample
+            pend.append(sample)
+
+    def _bucketed(self, sample: dict) -> dict:
+        buckets = self.spec.buckets
+        sample["__bucket__"] = choose_bucket(*sample_hw(sample), buckets, self.spec.cfg.max_upscale) if buckets else 0
+        return sample
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _SampleRef:
-    kind: str
-    shard: str
-    key: str
-    fields: tuple[tuple[str, int, int], ...]  # (field, offset, size) in the tar
-
-
-def _index_tar(shard: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {field: (offset, size)})] in tar order (headers only; data is read on demand)."""
-    from datamodules.schema import split_name
-
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(shard, "r:") as tar:
-        for m in tar.getmembers():
-            if m.isfile():
-                key, field = split_name(m.name)
-                out.setdefault(key, {})[field] = (m.offset_data, m.size)
-    return list(out.items())
-
-
-def _load(ref: _SampleRef) -> dict:
-    sample: dict = {"__key__": ref.key, "__shard__": ref.shard}
-    with open(ref.shard, "rb") as f:
-        for field, off, size in ref.fields:
-            f.seek(off)
-            sample[field] = f.read(size)
-    return sample
-
-
-def _task_of(kind: str, ref: _SampleRef) -> str | None:
+def _task_of(kind: str, sample: dict) -> str | None:
     if kind != "fusion":
         return kind
-    meta_field = [f for f in ref.fields if f[0] == "json"]
     try:
-        return sample_json(_load(_SampleRef(kind, ref.shard, ref.key, tuple(meta_field)))).get("task")
+        return sample_json(sample).get("task")
     except SchemaError:
         return None
 
 
-class ValidationSet(Dataset):
-    """Finite, deterministic validation batches, each of one task, in TASKS order.
+def _kind_tasks(kind: str) -> tuple[str, ...]:
+    return ("ivif", "mff", "mef") if kind == "fusion" else (kind,)
 
-    The first `per_task` samples of each task (shards sorted, tar order) are used, processed with
-    a centre crop and per-key seeds, so metrics per task compare across epochs and runs.
+
+def read_validation(kind: str, shards: list[str], per_task: int, select: HoldOut | None = None) -> dict[str, list[dict]]:
+    """task -> the first `per_task` samples of each task of `kind` (shards in order), read through
+    webdataset (stops once every task of the kind is full). `select`: only held-out samples."""
+    by_task: dict[str, list[dict]] = {t: [] for t in _kind_tasks(kind)}
+    for shard in shards:
+        try:
+            for sample in read_shard(shard):
+                if select is not None and not select.held(sample["__key__"]):
+                    continue
+                task = _task_of(kind, sample)
+                if task in by_task and len(by_task[task]) < per_task:
+                    by_task[task].append(sample)
+                    if all(len(v) >= per_task for v in by_task.values()):
+                        return by_task
+        except ShardReadError as e:
+            warnings.warn(f"validation: skipped {e}", BadSampleWarning, stacklevel=2)
+    return by_task
+
+
+class ValidationSet(Dataset):
+    """Finite, deterministic validation batches, each of one task (and one bucket), interleaved
+    round-robin over TASKS (ivif, mff, mef, m3, seg, control, ivif, ...) so that any
+    `limit_val_batches` covers the tasks evenly.
+
+    `sources`: kind -> (shards, None) for validation shards, or (training shards, HoldOut) for the
+    hold-out. The first `per_task` samples of each task are kept in memory (raw bytes), processed
+    with a centre crop and per-key seeds, so metrics per task compare across epochs and runs;
+    `batch["key"]` holds each sample's stable key.
     """
 
-    def __init__(self, shards: dict[str, list[str]], cfg: PipelineConfig, *, seed: int = 0,
-                 batch_size: int = 4, per_task: int = 16):
-        self.cfg, self.seed = cfg, seed
-        by_task: dict[str, list[_SampleRef]] = {t: [] for t in TASKS}
-        for kind, paths in shards.items():
-            for shard in paths:
-                try:
-                    index = _index_tar(shard)
-                except (tarfile.TarError, OSError) as e:
-                    warnings.warn(f"validation: skipped unreadable shard {shard}: {e}", BadSampleWarning)
-                    continue
-                for key, fields in index:
-                    ref = _SampleRef(kind, shard, key, tuple((f, o, s) for f, (o, s) in fields.items()))
-                    task = _task_of(kind, ref)
-                    if task in by_task and len(by_task[task]) < per_task:
-                        by_task[task].append(ref)
+    def __init__(self, sources: dict[str, tuple[list[str], HoldOut | None]], cfg: PipelineConfig, *,
+                 seed: int = 0, batch_size: int = 4, per_task: int = 16, buckets: list[Bucket] | None = None):
+        self.cfg, self.seed, self.buckets = cfg, seed, buckets
+        by_task: dict[str, list[dict]] = {t: [] for t in TASKS}
+        for kind, (shards, select) in sources.items():
+            for task, samples in read_validation(kind, shards, per_task, select).items():
+                by_task[task] += [{**s, "__kind__": kind} for s in samples]
         self.task_counts = {t: len(v) for t, v in by_task.items() if v}
-        self.batches = [refs[i:i + batch_size] for refs in by_task.values() for i in range(0, len(refs), batch_size)]
+        per_task_batches = {t: self._batches(v, batch_size) for t, v in by_task.items()}
+        rounds = max((len(b) for b in per_task_batches.values()), default=0)
+        self.batches = [per_task_batches[t][r] for r in range(rounds) for t in TASKS if r < len(per_task_batches[t])]
+
+    def _batches(self, samples: list[dict], batch_size: int) -> list[list[tuple[dict, Bucket | None]]]:
+        groups: dict[int, list[dict]] = {}
+        for s in samples:
+            b = choose_bucket(*sample_hw(s), self.buckets, self.cfg.max_upscale) if self.buckets else 0
+            groups.setdefault(b, []).append(s)
+        out = []
+        for b, group in sorted(groups.items()):
+            size = self.buckets[b] if self.buckets else None
+            out += [[(s, size) for s in group[i:i + batch_size]] for i in range(0, len(group), batch_size)]
+        return out
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
         with _one_thread():
-            return collate([process(r.kind, _load(r), self.cfg, seed=self.seed, train=False)
-                            for r in self.batches[i]])
+            return collate([process(s["__kind__"], s, self.cfg, seed=self.seed, train=False, size=size)
+                            for s, size in self.batches[i]])

@@ -8,7 +8,7 @@ Output images are in [-1, 1] as docs/CONTRACTS.md requires.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,13 @@ from ditfuse.prompts import (
 )
 
 
+FUSION_FALLBACKS = ("mean", "image1", "image2")  # mff/mef pairs without a target, only when chosen
+
+
+class MissingTargetError(Exception):
+    """An mff/mef pair without a target and no fallback chosen. Not a bad sample: the run stops."""
+
+
 @dataclass
 class PipelineConfig:
     image_size: int = 512
@@ -43,6 +50,9 @@ class PipelineConfig:
     random_instructions: bool = True  # False: always the published instruction
     instructions: dict[str, list[str]] | None = None  # per task or control subtask: own pool
     ivif_fallback: str = "mean_y"
+    target_fallback: dict[str, str] = field(default_factory=dict)  # mff/mef -> FUSION_FALLBACKS
+    size: tuple[int, int] | None = None  # this sample's bucket (h, w); None: image_size squares
+    max_upscale: float = 2.0  # a bucket never upscales an image more than this
     seg_alpha: float = SEG_ALPHA
     seg_color: tuple[float, float, float] = SEG_COLOR
 
@@ -51,6 +61,9 @@ class PipelineConfig:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.ivif_fallback not in IVIF_FALLBACKS:
             raise ValueError(f"ivif_fallback must be one of {', '.join(IVIF_FALLBACKS)}, got {self.ivif_fallback!r}")
+        for task, mode in self.target_fallback.items():
+            if task not in ("mff", "mef") or mode not in FUSION_FALLBACKS:
+                raise ValueError(f"target_fallback: {task}={mode!r}; keys mff/mef, values {', '.join(FUSION_FALLBACKS)}")
         known = {*FUSION_TASKS, "m3", "seg", *CONTROL_SUBTASKS}
         bad = set(self.instructions or {}) - known
         if bad:
@@ -82,9 +95,9 @@ def _image(sample: dict, stem: str, meta: dict) -> Tensor:
     return to_raw_tensor(arr, tuple(vr) if vr else None)
 
 
-def _planes(sample: dict, stems: tuple[str, ...], meta: dict, size: int, d: _Draw | None) -> list[Tensor]:
+def _planes(sample: dict, stems: tuple[str, ...], meta: dict, cfg: PipelineConfig, d: _Draw | None) -> list[Tensor]:
     """Decode, crop/flip together, then convert only the crops: (3, S, S) floats in [0, 1]."""
-    return [float01(p) for p in _geometry([_image(sample, s, meta) for s in stems], size, d)]
+    return [float01(p) for p in _geometry([_image(sample, s, meta) for s in stems], cfg, d)]
 
 
 def _label_map(sample: dict) -> Tensor:
@@ -94,26 +107,36 @@ def _label_map(sample: dict) -> Tensor:
     return torch.from_numpy(arr.astype("int64"))
 
 
-def _geometry(planes: list[Tensor], size: int, d: _Draw | None) -> list[Tensor]:
-    """Aligned short-side upscale (if needed), crop and flip of same-size planes (C, H, W).
+def _geometry(planes: list[Tensor], cfg: PipelineConfig, d: _Draw | None) -> list[Tensor]:
+    """Aligned resize, crop and flip of same-size planes (C, H, W).
 
-    d=None: deterministic centre crop, no flip (validation). Label maps travel as float planes
-    and are resized with nearest neighbour.
+    Square `image_size` (no bucket): short-side upscale only if needed, then a crop (a large photo
+    gives a full-resolution patch). Bucket (h, w): resize to cover the bucket (never more than
+    `max_upscale`), then crop. d=None: deterministic centre crop, no flip (validation). Label maps
+    travel as int planes and are resized with nearest neighbour.
     """
     h, w = planes[0].shape[-2:]
     if any(p.shape[-2:] != (h, w) for p in planes):
         raise SchemaError(f"images of one sample differ in size: {[tuple(p.shape[-2:]) for p in planes]}")
-    if min(h, w) < size:
-        s = size / min(h, w)
-        h, w = max(size, round(h * s)), max(size, round(w * s))
+    if cfg.size is None:
+        bh = bw = cfg.image_size
+        s = max(bh / min(h, w), 1.0)
+    else:
+        bh, bw = cfg.size
+        s = max(bh / h, bw / w)
+        if s > cfg.max_upscale + 1e-9:
+            raise SchemaError(f"a {h}x{w} image needs {s:.2f}x upscaling for bucket {bh}x{bw} > "
+                              f"data.max_upscale={cfg.max_upscale}")
+    if s != 1.0:
+        h, w = max(bh, round(h * s)), max(bw, round(w * s))
         planes = [_resize(p, h, w) for p in planes]
     if d is None:
-        top, left, flip = (h - size) // 2, (w - size) // 2, False
+        top, left, flip = (h - bh) // 2, (w - bw) // 2, False
     else:
-        top = int(torch.randint(h - size + 1, (1,), generator=d.g))
-        left = int(torch.randint(w - size + 1, (1,), generator=d.g))
+        top = int(torch.randint(h - bh + 1, (1,), generator=d.g))
+        left = int(torch.randint(w - bw + 1, (1,), generator=d.g))
         flip = bool(torch.rand(1, generator=d.g) < 0.5)
-    out = [p[..., top:top + size, left:left + size] for p in planes]
+    out = [p[..., top:top + bh, left:left + bw] for p in planes]
     return [p.flip(-1) if flip else p for p in out]
 
 
@@ -147,21 +170,39 @@ def _instruction(cfg: PipelineConfig, task: str, d: _Draw | None, *, subtask: st
 def _fusion_images(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None) -> tuple[Tensor, Tensor, Tensor, dict]:
     """img1, img2, target (each (3, S, S) in [0, 1]) of a fusion-style sample, + meta additions."""
     has_target = image_field(sample, "target") is not None
-    planes = _planes(sample, ("img1", "img2", "target") if has_target else ("img1", "img2"), meta, cfg.image_size, d)
+    planes = _planes(sample, ("img1", "img2", "target") if has_target else ("img1", "img2"), meta, cfg, d)
     task = meta.get("task", "m3")
     if has_target:
         return planes[0], planes[1], planes[2], {"target_source": "shard"}
     if task == "ivif":
         return planes[0], planes[1], ivif_fallback(planes[0], planes[1], cfg.ivif_fallback), \
             {"target_source": f"fallback:{cfg.ivif_fallback}"}
-    return planes[0], planes[1], (planes[0] + planes[1]) / 2, {"target_source": "fallback:mean"}
+    mode = _target_fallback(sample, meta, cfg, task)
+    target = {"mean": lambda: (planes[0] + planes[1]) / 2, "image1": lambda: planes[0],
+              "image2": lambda: planes[1]}[mode]()
+    return planes[0], planes[1], target, {"target_source": f"fallback:{mode}"}
+
+
+def _target_fallback(sample: dict, meta: dict, cfg: PipelineConfig, task: str) -> str:
+    """The explicit choice for an mff/mef pair without a target: the config's, else the one the
+    shard writer recorded (`target_fallback` in the json); never a silent default (a mean of the
+    two sources trains a multi-focus model to blur)."""
+    mode = cfg.target_fallback.get(task) or meta.get("target_fallback")
+    if mode is None:
+        raise MissingTargetError(
+            f"{task} sample {sample.get('__key__')} in {sample.get('__shard__')} has no target.png; set "
+            f"data.target_fallback.{task} to one of {', '.join(FUSION_FALLBACKS)} (or write targets)")
+    if mode not in FUSION_FALLBACKS:
+        raise MissingTargetError(f"{sample.get('__shard__')}: sample {sample.get('__key__')} records "
+                                 f"target_fallback={mode!r}; use one of {', '.join(FUSION_FALLBACKS)}")
+    return mode
 
 
 def _m3_images(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, seed_key: tuple[int, str]) -> tuple[Tensor, Tensor, Tensor, dict]:
     if image_field(sample, "img") is None:  # pre-made views
         a, b, t, extra = _fusion_images(sample, meta, cfg, d)
         return a, b, t, {**extra, "m3": "shard"}
-    (clean,) = _planes(sample, ("img",), meta, cfg.image_size, d)
+    (clean,) = _planes(sample, ("img",), meta, cfg, d)
     # the M3 draw has its own generator so a (seed, key) reproduces the pair on its own
     res = m3_views(clean, cfg.m3, torch.Generator().manual_seed(seed_for(*seed_key)))
     return res.view1, res.view2, clean, {"target_source": "clean", "m3_block": res.block_size}
@@ -180,12 +221,14 @@ def _row(kind: str, task: str, prompt: str, a: Tensor, b: Tensor, target: Tensor
 
 
 def process(kind: str, sample: dict, cfg: PipelineConfig, *, seed: int, draw_key: str | None = None,
-            train: bool = True) -> dict:
-    """Turn one raw shard sample of `kind` into a batch row.
+            train: bool = True, size: tuple[int, int] | None = None) -> dict:
+    """Turn one raw shard sample of `kind` into a batch row, `size` (h, w) when buckets are on.
 
     `draw_key` keys the randomness (defaults to the sample key: the same sample always gets the same
-    crop/M3/prompt); a training stream passes a key that includes how often it has been drawn.
+    crop/M3/prompt); a training stream passes a key that includes the pass it is drawn in.
     """
+    if size is not None:
+        cfg = replace(cfg, size=tuple(size))
     meta = check_sample(kind, sample)
     dkey = draw_key or sample["__key__"]
     d = _Draw.for_key(seed, dkey) if train else None
@@ -207,7 +250,7 @@ def process(kind: str, sample: dict, cfg: PipelineConfig, *, seed: int, draw_key
 
 def _seg(sample: dict, meta: dict, cfg: PipelineConfig, d: _Draw | None, rng_d: _Draw) -> dict:
     a, b, labels = _geometry([_image(sample, "img1", meta), _image(sample, "img2", meta), _label_map(sample)],
-                             cfg.image_size, d)
+                             cfg, d)
     a, b = float01(a), float01(b)
     classes = {int(k): str(v) for k, v in meta["classes"].items()}
     named = [k for k, v in classes.items() if v.lower() not in NOT_A_CLASS] or list(classes)

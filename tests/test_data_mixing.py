@@ -115,19 +115,21 @@ def test_same_seed_same_batches_other_seed_other_batches(shards):
     assert _keys(a) != _keys(c)
 
 
-def test_new_epoch_and_resume_offset_give_new_samples(shards):
-    dm = _dm(shards)
+def test_next_epoch_continues_the_streams_and_a_loaded_state_resumes_them(shards):
+    # changed with issue 9: an epoch no longer restarts the streams from a seed of (epoch, step);
+    # it continues every stream's pass where the previous epoch stopped (positions in state_dict)
+    dm = _dm(shards, batches_per_epoch=2)
     loader = dm.train_dataloader()
-    e0, e1 = list(loader), list(loader)  # without a trainer: an internal epoch counter
-    assert len(e0) == len(e1) == 4 and _keys(e0) != _keys(e1)
-    dm2 = _dm(shards)
-    dm2.set_epoch(1)
-    assert _keys(list(dm2.train_dataloader())) == _keys(e1)  # set_epoch reproduces an epoch ...
-    dm2.set_epoch(1, step=2)
-    assert _keys(list(dm2.train_dataloader())) != _keys(e1)  # ... a step offset moves on
+    e0 = list(loader)
     state = dm.state_dict()
-    assert sum(state["mix_counts"].values()) == 64
+    e1 = list(loader)
+    assert len(e0) == len(e1) == 2 and not set(_keys(e0)) & set(_keys(e1))  # one pass: nothing twice
+    assert sum(state["mix_counts"].values()) == 16 and state["stream_positions"]
+    dm2 = _dm(shards, batches_per_epoch=2)
     dm2.load_state_dict(state)
+    resumed = list(dm2.train_dataloader())
+    assert _keys(resumed) == _keys(e1)  # the same continuation, crops and prompts included
+    assert all(torch.equal(a["images"], b["images"]) and a["prompt"] == b["prompt"] for a, b in zip(resumed, e1))
     assert dm2.mix_counts == dm.mix_counts
 
 
@@ -158,13 +160,15 @@ def test_workers_split_and_count_exactly(shards):
     assert len(keys) == 40
 
 
-def test_validation_is_finite_deterministic_grouped_per_task(shards):
+def test_validation_is_finite_deterministic_one_task_per_batch_round_robin(shards):
     dm = _dm(shards, val_batch_size=3)
     v1, v2 = list(dm.val_dataloader()), list(dm.val_dataloader())
     tasks = [b["task"] for b in v1]
     assert all(len(set(t)) == 1 for t in tasks)  # one task per batch
+    # changed with issue 10: tasks interleave round-robin, so the first 6 batches hold every task
     order = [t[0] for t in tasks]
-    assert order == sorted(order, key=["ivif", "mff", "mef", "m3", "seg", "control"].index)
+    assert order == ["ivif", "mff", "mef", "m3", "seg", "control"] * 2
+    assert all(b["key"] == [str(k) for k in b["key"]] for b in v1) and len({k for b in v1 for k in b["key"]}) == 24
     assert Counter(t for b in v1 for t in b["task"]) == {t: 4 for t in ("ivif", "mff", "mef", "m3", "seg", "control")}
     assert all(torch.equal(a["images"], b["images"]) and a["prompt"] == b["prompt"] for a, b in zip(v1, v2))
     train = next(iter(dm.train_dataloader()))
