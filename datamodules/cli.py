@@ -1,4 +1,8 @@
-"""`ditfuse shards write fusion|m3|seg|control`, `ditfuse shards demo`, `ditfuse shards inspect`."""
+"""`ditfuse shards write fusion|m3|seg|control`, `ditfuse shards demo`, `ditfuse shards inspect`.
+
+Imports stay light at module level (argparse, the prompt names): image, torch and webdataset code
+is imported by the command that runs, so `ditfuse shards --help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,9 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from datamodules.io import ImageReadError, decode_image
-from datamodules.schema import (
-    KINDS,
-    SchemaError,
-    ShardReadError,
-    check_sample,
-    image_field,
-    iter_tar,
-)
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+
+KINDS = ("fusion", "m3", "seg", "control")  # datamodules.schema.KINDS, without importing it
 
 _SHARD_RE = re.compile(r"^(?P<kind>[a-z0-9]+)-\d{6}\.tar$")
 
@@ -31,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out", required=True, help="output folder for {kind}-NNNNNN.tar")
         q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        q.add_argument("--max-shard-bytes", type=_bytes, default=None,
+                       help="also start a new shard past this size, e.g. 500MB or 2GB (default: no limit)")
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace the shards of this kind already in --out (all of them are removed first)")
         q.add_argument("--dataset", help="data set name stored in each sample's json")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--image2-dir", required=True)
     f.add_argument("--target-dir", help="ground truth / reference fused images with the same names")
     f.add_argument("--instruction", help="a fixed instruction stored with every sample")
+    f.add_argument("--target-fallback", choices=("mean", "image1", "image2"),
+                   help="mff/mef without --target-dir: what the loader trains towards (recorded per sample)")
     common(f)
     m = w.add_parser("m3", help="a folder of clean images (searched recursively)")
     m.add_argument("--images", required=True)
@@ -71,13 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bytes(text: str) -> float:
+    """'500MB' / '2GB' / '1e9' -> bytes."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 2GB)") from None
+
+
 def _write(a: argparse.Namespace) -> int:
     from datamodules import writers
 
-    common = {"shard_size": a.shard_size, "dataset": a.dataset, "progress": not a.no_progress}
+    common = {"shard_size": a.shard_size, "dataset": a.dataset, "progress": not a.no_progress,
+              "max_bytes": a.max_shard_bytes, "overwrite": a.overwrite}
     if a.kind == "fusion":
         report = writers.write_fusion(a.task, a.image1_dir, a.image2_dir, a.out, target_dir=a.target_dir,
-                                      instruction=a.instruction, **common)
+                                      instruction=a.instruction, target_fallback=a.target_fallback, **common)
     elif a.kind == "m3":
         report = writers.write_m3(a.images, a.out, **common)
     elif a.kind == "seg":
@@ -115,6 +129,9 @@ def _task_of(kind: str, meta: dict) -> str:
 
 def inspect(path: str | Path, max_samples: int = 0) -> dict:
     """Walk the shards under `path`; raise SchemaError / ShardReadError on the first violation."""
+    from datamodules.io import ImageReadError
+    from datamodules.schema import SchemaError, check_sample, iter_tar
+
     path = Path(path)
     tars = [path] if path.is_file() else sorted(path.rglob("*.tar"))
     if not tars:
@@ -148,6 +165,9 @@ def _group(root: Path, tar: Path, kind: str) -> str:
 
 def _sample_size(sample: dict) -> str:
     """'HxW' of the sample's first image (all images of a sample must share it)."""
+    from datamodules.io import decode_image
+    from datamodules.schema import SchemaError, image_field
+
     shapes = set()
     for stem in ("img", "img1", "img2", "target", "mask"):
         name = image_field(sample, stem)
@@ -160,6 +180,8 @@ def _sample_size(sample: dict) -> str:
 
 
 def _inspect(a: argparse.Namespace) -> int:
+    from datamodules.schema import SchemaError, ShardReadError
+
     try:
         info = inspect(a.path, a.max_samples)
     except (SchemaError, ShardReadError) as e:

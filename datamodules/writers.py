@@ -9,6 +9,7 @@ so the loader can stretch thermal images without losing their contrast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -87,6 +88,25 @@ class TarShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def prepare_out(out: str | Path, kind: str, overwrite: bool = False) -> Path:
+    """Check `out` before any work: writable, and holding no `{kind}-*.tar` unless `overwrite`,
+    which removes them (a smaller rewrite must not leave stale higher-numbered shards)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable; choose another --out")
+    old = sorted(out.glob(f"{kind}-*.tar"))
+    if old and not overwrite:
+        raise ValueError(f"--out {out} already holds {len(old)} {kind} shard(s) ({old[0].name}, ...); pass "
+                         "--overwrite to replace them, or choose another --out")
+    for p in old:
+        p.unlink()
+    return out
 
 
 def json_bytes(meta: dict) -> bytes:
@@ -178,8 +198,8 @@ def _load_group(paths: dict[str, Path], report: WriteReport, name: str) -> tuple
 
 
 def _write_all(kind: str, groups: list[tuple[str, dict[str, Path]]], out: str | Path, shard_size: int,
-               meta_for, report: WriteReport, progress: bool = True) -> WriteReport:
-    with TarShardWriter(out, kind, shard_size) as w:
+               meta_for, report: WriteReport, progress: bool = True, max_bytes: float | None = None) -> WriteReport:
+    with TarShardWriter(out, kind, shard_size, max_bytes) as w:
         for name, paths in tqdm(groups, desc=f"shards {kind}", unit="sample", file=sys.stderr,
                                 disable=not progress):
             loaded = _load_group(paths, report, name)
@@ -198,27 +218,45 @@ def _write_all(kind: str, groups: list[tuple[str, dict[str, Path]]], out: str | 
 # ---------------------------------------------------------------------------------------------
 def write_fusion(task: str, image1_dir: str | Path, image2_dir: str | Path, out: str | Path, *,
                  target_dir: str | Path | None = None, shard_size: int = 1000, dataset: str | None = None,
-                 instruction: str | None = None, progress: bool = True) -> WriteReport:
-    """Paired folders (image 1 = visible / far-focus / over-exposed; image 2 = infrared / near / under)."""
+                 instruction: str | None = None, progress: bool = True, max_bytes: float | None = None,
+                 overwrite: bool = False, target_fallback: str | None = None) -> WriteReport:
+    """Paired folders (image 1 = visible / far-focus / over-exposed; image 2 = infrared / near / under).
+
+    mff/mef pairs without targets are refused unless `target_fallback` (mean | image1 | image2) says
+    what the loader should train towards; it is recorded in each sample's json.
+    """
     if task not in FUSION_TASKS:
         raise ValueError(f"--task must be one of {', '.join(FUSION_TASKS)}, got {task!r}")
+    from datamodules.pipelines import FUSION_FALLBACKS
+
+    if target_fallback is not None and (task == "ivif" or target_fallback not in FUSION_FALLBACKS):
+        raise ValueError(f"--target-fallback {target_fallback!r}: only for --task mff/mef, one of "
+                         f"{', '.join(FUSION_FALLBACKS)} (ivif uses data.ivif_fallback)")
+    if task != "ivif" and target_dir is None and target_fallback is None:
+        raise ValueError(f"--task {task} without --target-dir: pass --target-fallback "
+                         f"({' | '.join(FUSION_FALLBACKS)}) to record what to train towards, or give the targets")
+    prepare_out(out, "fusion", overwrite)
     report = WriteReport("fusion", Path(out))
     groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "target": target_dir}, report)
 
     def meta(name: str) -> dict:
         m = {"task": task, "name": name, "dataset": dataset or Path(image1_dir).resolve().parent.name}
+        if target_fallback is not None and target_dir is None:
+            m["target_fallback"] = target_fallback
         return {**m, "instruction": instruction} if instruction else m
 
-    return _write_all("fusion", groups, out, shard_size, meta, report, progress)
+    return _write_all("fusion", groups, out, shard_size, meta, report, progress, max_bytes)
 
 
 def write_m3(images_dir: str | Path, out: str | Path, *, shard_size: int = 1000, dataset: str | None = None,
-             progress: bool = True) -> WriteReport:
+             progress: bool = True, max_bytes: float | None = None, overwrite: bool = False) -> WriteReport:
     """A folder (searched recursively) of clean images; the views are made on the fly."""
+    prepare_out(out, "m3", overwrite)
     report = WriteReport("m3", Path(out))
     groups = [(name, {"img": p}) for name, p in list_images(images_dir, recursive=True).items()]
     ds = dataset or Path(images_dir).resolve().name
-    return _write_all("m3", groups, out, shard_size, lambda name: {"name": name, "dataset": ds}, report, progress)
+    return _write_all("m3", groups, out, shard_size, lambda name: {"name": name, "dataset": ds}, report, progress,
+                      max_bytes)
 
 
 def load_classes(path: str | Path) -> dict[str, str]:
@@ -235,8 +273,10 @@ def load_classes(path: str | Path) -> dict[str, str]:
 
 def write_seg(image1_dir: str | Path, image2_dir: str | Path, mask_dir: str | Path, classes: dict[str, str] | str | Path,
               out: str | Path, *, shard_size: int = 1000, dataset: str | None = None,
-              overlay_base: str = "img1", progress: bool = True) -> WriteReport:
+              overlay_base: str = "img1", progress: bool = True, max_bytes: float | None = None,
+              overwrite: bool = False) -> WriteReport:
     """Image pairs + label maps (uint8/uint16) + a class map; only classes present are listed per sample."""
+    prepare_out(out, "seg", overwrite)
     cmap = classes if isinstance(classes, dict) else load_classes(classes)
     report = WriteReport("seg", Path(out))
     groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "mask": mask_dir}, report)
@@ -259,18 +299,20 @@ def write_seg(image1_dir: str | Path, image2_dir: str | Path, mask_dir: str | Pa
     def meta(name: str) -> dict:
         return {"classes": present[name], "name": name, "dataset": ds, "overlay_base": overlay_base}
 
-    return _write_all("seg", kept, out, shard_size, meta, report, progress)
+    return _write_all("seg", kept, out, shard_size, meta, report, progress, max_bytes)
 
 
 def write_control(image1_dir: str | Path, image2_dir: str | Path, target_dir: str | Path, out: str | Path, *,
                   subtask: str | None = None, subtasks: dict[str, str] | None = None, shard_size: int = 1000,
-                  dataset: str | None = None, progress: bool = True) -> WriteReport:
+                  dataset: str | None = None, progress: bool = True, max_bytes: float | None = None,
+                  overwrite: bool = False) -> WriteReport:
     """Pre-made control triples: the target is already adjusted; one subtask for all or per name."""
     if subtask is None and not subtasks:
         raise ValueError("control triples need --subtask (one for all) or --subtask-map (name -> subtask)")
     for s in [subtask, *(subtasks or {}).values()]:
         if s is not None and s not in CONTROL_SUBTASKS:
             raise ValueError(f"subtask must be one of {', '.join(CONTROL_SUBTASKS)}, got {s!r}")
+    prepare_out(out, "control", overwrite)
     report = WriteReport("control", Path(out))
     groups = pair_folders({"img1": image1_dir, "img2": image2_dir, "target": target_dir}, report)
     if subtasks:
@@ -282,12 +324,14 @@ def write_control(image1_dir: str | Path, image2_dir: str | Path, target_dir: st
     def meta(name: str) -> dict:
         return {"subtask": (subtasks or {}).get(name, subtask), "name": name, "dataset": ds}
 
-    return _write_all("control", groups, out, shard_size, meta, report, progress)
+    return _write_all("control", groups, out, shard_size, meta, report, progress, max_bytes)
 
 
 def write_samples(kind: str, samples: Iterable[tuple[str, dict[str, bytes]]], out: str | Path,
-                  shard_size: int = 1000) -> list[Path]:
-    """Write ready-made samples (key, {field: bytes}); used by the demo builder."""
+                  shard_size: int = 1000, overwrite: bool = True) -> list[Path]:
+    """Write ready-made samples (key, {field: bytes}); used by the demo builder (which replaces
+    its own shards: `overwrite` defaults to True here)."""
+    prepare_out(out, kind, overwrite)
     with TarShardWriter(out, kind, shard_size) as w:
         for key, files in samples:
             w.write(key, files)
