@@ -203,6 +203,7 @@ class _Rows:
                             start=Position.of(starts.get(k)))
             for k, w in spec.ratios.items() if w > 0}
         self.pending: dict[str, list[dict]] = {k: [] for k in self.streams}
+        self.search = max(64, 4 * spec.batch_size)  # draws spent looking for a bucket before giving up
         for k, wanted in (state.get("pending", {}) if starts else {}).items():
             got = self.streams[k].fetch([tuple(p) for p in wanted])
             self.pending[k] = [self._bucketed(got[tuple(p)]) for p in wanted if tuple(p) in got]
@@ -238,7 +239,7 @@ class _Rows:
         for i, s in enumerate(pend):  # oldest first, so no pending sample waits forever
             if bucket is None or s["__bucket__"] == bucket:
                 return pend.pop(i)
-        while True:
+        for _ in range(self.search):
             sample = next(self.streams[kind])
             try:
                 sample = self._bucketed(sample)
@@ -248,6 +249,11 @@ class _Rows:
             if bucket is None or sample["__bucket__"] == bucket:
                 return sample
             pend.append(sample)
+        # this kind has (next to) nothing in the batch's bucket: its oldest pending sample is
+        # resized and cropped to the bucket instead, so the batch keeps its mix and one shape
+        sample = pend.pop(0)
+        sample["__bucket__"] = bucket
+        return sample
 
     def _bucketed(self, sample: dict) -> dict:
         buckets = self.spec.buckets
