@@ -271,6 +271,13 @@ class DiTFuseDataModule(L.LightningDataModule):
         """A new training iterator starts where the trained-on batches left each stream; batches
         handed out but not trained on (prefetched) are drawn again."""
         self._handed_out.clear()
+        n = self._rank_world()[1] * max(self.num_workers, 1)
+        stale = {st.get("n") for st in self.stream_positions.values()} - {n}
+        if stale:
+            warnings.warn(f"the checkpointed data streams were {sorted(stale)} (ranks x workers), now {n}: every "
+                          "stream starts a new pass (keep world size and data.num_workers to continue them)",
+                          UserWarning, stacklevel=2)
+            self.stream_positions = {}
         return dict(self.stream_positions)
 
     def _delivered(self, batch: dict, state: dict) -> None:
