@@ -48,6 +48,14 @@ class _CountingLoader(DataLoader):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self._position, self._positions, self._on_batch = position, positions, on_batch
 
+    def state_dict(self) -> dict:
+        """Lightning's resumable-loader interface. The stream positions live in the DataModule's state
+        (gathered from all ranks), which a checkpoint holds and restores before this loader starts."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __iter__(self) -> Iterator[dict]:  # type: ignore[override]
         self.dataset.set_epoch(*self._position())  # type: ignore[attr-defined]
         self.dataset.positions = self._positions()  # type: ignore[attr-defined]

@@ -239,21 +239,23 @@ class _Rows:
         for i, s in enumerate(pend):  # oldest first, so no pending sample waits forever
             if bucket is None or s["__bucket__"] == bucket:
                 return pend.pop(i)
-        for _ in range(self.search):
-            sample = next(self.streams[kind])
-            try:
-                sample = self._bucketed(sample)
-            except BAD_SAMPLE_ERRORS as e:
-                self.tracker.failed(sample.get("__shard__", "?"), f"{sample.get('__key__')}: {e}")
-                continue
-            if bucket is None or sample["__bucket__"] == bucket:
+        while True:
+            for _ in range(self.search):
+                sample = next(self.streams[kind])
+                try:
+                    sample = self._bucketed(sample)
+                except BAD_SAMPLE_ERRORS as e:
+                    self.tracker.failed(sample.get("__shard__", "?"), f"{sample.get('__key__')}: {e}")
+                    continue
+                if bucket is None or sample["__bucket__"] == bucket:
+                    return sample
+                pend.append(sample)
+            if pend:
+                # this kind has (next to) nothing in the batch's bucket: its oldest pending sample is
+                # resized and cropped to the bucket instead, so the batch keeps its mix and one shape
+                sample = pend.pop(0)
+                sample["__bucket__"] = bucket
                 return sample
-            pend.append(sample)
-        # this kind has (next to) nothing in the batch's bucket: its oldest pending sample is
-        # resized and cropped to the bucket instead, so the batch keeps its mix and one shape
-        sample = pend.pop(0)
-        sample["__bucket__"] = bucket
-        return sample
 
     def _bucketed(self, sample: dict) -> dict:
         buckets = self.spec.buckets
