@@ -205,6 +205,8 @@ class _Rows:
         self.pending: dict[str, list[dict]] = {k: [] for k in self.streams}
         self.search = max(64, 4 * spec.batch_size)  # draws spent looking for a bucket before giving up
         for k, wanted in (state.get("pending", {}) if starts else {}).items():
+            if k not in self.streams:
+                continue  # a kind whose ratio became 0
             got = self.streams[k].fetch([tuple(p) for p in wanted])
             self.pending[k] = [self._bucketed(got[tuple(p)]) for p in wanted if tuple(p) in got]
 

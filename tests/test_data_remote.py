@@ -74,7 +74,9 @@ def test_datamodule_trains_from_http_and_pipe_shards_and_counts_remote_failures(
 @pytest.mark.slow
 def test_two_process_gloo_fit_reads_http_and_pipe_shards(served, tmp_path, demo_dir):
     root, url = served
-    cfg_path = override(tmp_path, demo_dir, max_steps=3, strategy="ddp", devices=2)
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1}}
+    cfg_path = override(tmp_path, demo_dir, max_steps=3, strategy="ddp", devices=2, callbacks=[ckpt])
     cfg = yaml.safe_load(cfg_path.read_text())
     train = Path(demo_dir) / "train"
     cfg["data"]["shards"] = {
@@ -92,3 +94,10 @@ def test_two_process_gloo_fit_reads_http_and_pipe_shards(served, tmp_path, demo_
     assert keys[0] and keys[1] and not keys[0] & keys[1]  # the ranks read different samples
     assert any("m3_" in k for k in keys[0] | keys[1])  # http-served m3 samples reached training
     assert len(_Quiet.requests) > before  # ... through the loopback server
+    # the checkpoint (written by rank 0) holds both ranks' stream positions
+    import torch
+
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["DiTFuseDataModule"]
+    assert sorted(state["stream_positions"]) == [0, 1]
+    assert {k for st in state["stream_positions"].values() for k in st["streams"]} == {"fusion", "m3", "seg", "control"}
