@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 from datamodules.buckets import make_buckets
 from datamodules.demo import build_demo, demo_ready, demo_shards
 from datamodules.m3 import M3Config
-from datamodules.mixing import STREAM_STATE, HoldOut, MixedStream, StreamSpec, ValidationSet
+from datamodules.mixing import (
+    STREAM_STATE,
+    HoldOut,
+    MixedStream,
+    StreamSpec,
+    ValidationSet,
+)
 from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
@@ -221,7 +227,7 @@ class DiTFuseDataModule(L.LightningDataModule):
             return
         for split, found, given in (("train", self.train_shards, specs), ("val", val_shards, val)):
             for k, urls in found.items():
-                first = given[k] if isinstance(given[k], str) else list(given[k])[0]
+                first = given[k] if isinstance(given[k], str) else next(iter(given[k]))
                 print(f"data: {split} {k}: {len(urls)} shard(s) from {first}", flush=True)
 
     # ------------------------------------------------------------------ distributed position

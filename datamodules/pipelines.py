@@ -33,7 +33,6 @@ from ditfuse.prompts import (
     instruction_for,
 )
 
-
 FUSION_FALLBACKS = ("mean", "image1", "image2")  # mff/mef pairs without a target, only when chosen
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from datamodules.schema import ShardReadError, expand_shards, read_shard
 
 
 class _Quiet(SimpleHTTPRequestHandler):
-    requests: list[str] = []
+    requests: ClassVar[list[str]] = []  # paths asked for, across the module's tests
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
