@@ -36,9 +36,10 @@ _EXTRA_WORDS = ("person people car tree sky road building grass water bicycle bu
 
 
 def _phrases() -> tuple[str, ...]:
-    """Fixed multi-word phrases: OmniGen's wrapper, the DiTFuse template around the image
-    placeholders, and every pooled instruction (seg ones split around their class name)."""
-    out = {"Generate an image according to the following instructions"}
+    """Fixed multi-word phrases: OmniGen's wrapper and default negative prompt, the DiTFuse template
+    around the image placeholders, and every pooled instruction (seg ones split around their class
+    name)."""
+    out = {"Generate an image according to the following instructions", P.NEGATIVE_PROMPT}
     out.update(part.strip(" ") for part in re.split(r"\{head\}|<img><\|image_\d\|></img>|\{instruction\}", P.TEMPLATE))
     for pool in list(P.INSTRUCTIONS.values()) + list(P.CONTROL_INSTRUCTIONS.values()):
         for text in pool:
@@ -59,7 +60,7 @@ _TOKEN_RE = re.compile(rf"{_SPECIAL_RE}|{_PHRASE_RE}|[A-Za-z]+|[0-9]|[^\sA-Za-z0
 
 
 def _prompt_words() -> list[str]:
-    texts = [P.TEMPLATE] + [s for pool in P.INSTRUCTIONS.values() for s in pool]
+    texts = [P.TEMPLATE, P.NEGATIVE_PROMPT] + [s for pool in P.INSTRUCTIONS.values() for s in pool]
     texts += [s for pool in P.CONTROL_INSTRUCTIONS.values() for s in pool]
     words = set(_EXTRA_WORDS)
     for t in texts:
@@ -143,9 +144,13 @@ class PretrainedTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer in {path} (looked for tokenizer/ and tokenizer.json/tokenizer_config.json): "
                 "pass a local OmniGen folder via --model.pretrained or --model.tokenizer; nothing is downloaded")
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
-        self.hf = AutoTokenizer.from_pretrained(str(cand), local_files_only=True)
+        # An empty config: otherwise AutoTokenizer parses the folder's model config.json, and in the
+        # original OmniGen-v1 layout that is a Phi-3 config with rope_scaling type "su", which
+        # transformers >= 5 rejects (KeyError: 'original_max_position_embeddings'). The tokenizer
+        # class comes from tokenizer_config.json; the model config has nothing a tokenizer needs.
+        self.hf = AutoTokenizer.from_pretrained(str(cand), local_files_only=True, config=PretrainedConfig())
         self.bos_token_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)
 
