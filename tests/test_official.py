@@ -346,3 +346,15 @@ def test_core_reads_pairs_without_importing_datamodules():
     import ditfuse.pairs as core
 
     assert pairs.find_pairs is core.find_pairs and io.read_image.__module__ == "ditfuse.images"
+
+
+def test_shipped_configs_spell_out_the_negative_prompt_and_cfg():
+    import yaml
+
+    from ditfuse.module import FlowSettings
+
+    for name in ("omnigen_lora.yaml", "predict.yaml"):
+        model = yaml.safe_load((ROOT / "configs" / name).read_text())["model"]
+        assert SamplerSettings(**model["val_sampler"]).negative_prompt == NEGATIVE_PROMPT, name
+    flow = yaml.safe_load((ROOT / "configs" / "omnigen_lora.yaml").read_text())["model"]["flow"]
+    assert FlowSettings(**flow).drop_all_prompt == "<cfg>"
