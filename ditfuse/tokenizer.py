@@ -15,6 +15,7 @@ convention diffusers' OmniGenMultiModalProcessor relies on).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,18 +145,19 @@ class PretrainedTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer in {path} (looked for tokenizer/ and tokenizer.json/tokenizer_config.json): "
                 "pass a local OmniGen folder via --model.pretrained or --model.tokenizer; nothing is downloaded")
-        from transformers import AutoTokenizer, PretrainedConfig
-
-        # An empty config: otherwise AutoTokenizer parses the folder's model config.json, and in the
-        # original OmniGen-v1 layout that is a Phi-3 config with rope_scaling type "su", which
-        # transformers >= 5 rejects (KeyError: 'original_max_position_embeddings'). The tokenizer
-        # class comes from tokenizer_config.json; the model config has nothing a tokenizer needs.
-        self.hf = AutoTokenizer.from_pretrained(str(cand), local_files_only=True, config=PretrainedConfig())
+        self.hf = _load_hf_tokenizer(cand)
         self.bos_token_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)
+        # Llama/Phi-3 tokenizer_config.json says add_bos_token; transformers 4.x rebuilt the
+        # post-processor from it, so honour it where the file's post-processor does not add BOS
+        cfg_file = cand / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        self.force_bos = bool(cfg.get("add_bos_token")) and self.bos_token_id is not None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = list(self.hf(text).input_ids)
+        if self.force_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
         if not add_bos and ids and ids[0] == self.bos_token_id:
             ids = ids[1:]
         return ids
@@ -165,6 +167,23 @@ class PretrainedTokenizer:
 
     def __call__(self, text: str) -> SimpleNamespace:
         return SimpleNamespace(input_ids=self.encode(text))
+
+
+def _load_hf_tokenizer(folder: Path):
+    """The folder's tokenizer, tokenizing exactly as the original OmniGen (transformers 4.45) does.
+
+    With a tokenizer.json it is used verbatim (PreTrainedTokenizerFast): transformers 5's
+    LlamaTokenizer rebuilds its own normalizer from the vocabulary and drops the "▁" that the
+    file's normalizer puts after special tokens (`<|user|>` + "\n" gives other ids than in 4.45).
+    Without one, AutoTokenizer with an empty config: otherwise it parses the folder's model
+    config.json, in the original OmniGen-v1 layout a Phi-3 config with rope_scaling type "su",
+    which transformers 5 rejects (KeyError: 'original_max_position_embeddings').
+    """
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, config=PretrainedConfig())
 
 
 Tokenizer = BuiltinTokenizer | PretrainedTokenizer

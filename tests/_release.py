@@ -51,16 +51,21 @@ def write_vae(folder: Path) -> None:
     """A tiny SDXL-shaped AutoencoderKL (4 levels: 8x down, 4 latent channels)."""
     from diffusers import AutoencoderKL
 
+    import torch
+
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                         sample_size=64, scaling_factor=0.13025)
+    with torch.no_grad():  # a near-deterministic posterior, like the SDXL VAE's (the original samples it)
+        vae.quant_conv.weight[4:].zero_()
+        vae.quant_conv.bias[4:].fill_(-20.0)
     vae.save_pretrained(folder)
 
 
-def write_release(root: Path, vae: bool = True) -> tuple[Path, Path]:
-    """(OmniGen-v1 folder, DiTFuse LoRA folder) under root."""
+def write_release(root: Path, vae: bool = True, cfg: dict | None = None) -> tuple[Path, Path]:
+    """(OmniGen-v1 folder, DiTFuse LoRA folder) under root; `cfg` overrides RELEASE_PHI3 keys."""
     model = root / "OmniGen-v1"
-    write_original_checkpoint(model, cfg=RELEASE_PHI3)
+    write_original_checkpoint(model, cfg={**RELEASE_PHI3, **(cfg or {})})
     write_tokenizer(model)
     if vae:
         write_vae(model / "vae")

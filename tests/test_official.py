@@ -80,6 +80,13 @@ def test_tokenizer_loads_from_the_original_layout_folder(release):
     ids, spans, _ = tokenize_multimodal(tok, P.default_prompt("ivif"), 2, tokens_per_image=4)
     assert ids[0] == tok.bos_token_id == 1 and len(spans) == 2
     assert tok.decode(tok.encode(NEGATIVE_PROMPT, add_bos=False)) == NEGATIVE_PROMPT
+    # ids exactly as the file's own pipeline gives them (what transformers 4.45, the original's,
+    # does; transformers 5's LlamaTokenizer drops the "▁" after special tokens such as <|user|>)
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(model / "tokenizer.json"))
+    for text in (PREFIX + P.default_prompt("m3").split("<img>")[0], PREFIX + NEGATIVE_PROMPT + SUFFIX):
+        assert tok.encode(text) == raw.encode(text).ids
 
 
 @pytest.mark.parametrize("official", [False, True], ids=["default", "official"])
