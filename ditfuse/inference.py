@@ -18,7 +18,6 @@ output does not depend on `--batch-size` or on the other pairs of the folder.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -13,7 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _tiny_checkpoints import TINY_PHI3, official_adapter, write_adapter, write_original_checkpoint
+from _tiny_checkpoints import (
+    TINY_PHI3,
+    official_adapter,
+    write_adapter,
+    write_original_checkpoint,
+)
 
 from ditfuse import prompts as P
 from ditfuse.conditioning import PREFIX, SUFFIX
@@ -28,7 +33,14 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|end|>", "<|assistant|>", "<|e
 
 def write_tokenizer(folder: Path, vocab_size: int = 192) -> None:
     """A Llama-style (sentencepiece BPE, byte fallback, BOS added) tokenizer.json + configs."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -49,9 +61,8 @@ def write_tokenizer(folder: Path, vocab_size: int = 192) -> None:
 
 def write_vae(folder: Path) -> None:
     """A tiny SDXL-shaped AutoencoderKL (4 levels: 8x down, 4 latent channels)."""
-    from diffusers import AutoencoderKL
-
     import torch
+    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,

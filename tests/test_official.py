@@ -26,7 +26,12 @@ from _release import RELEASE_PHI3, write_release
 
 from ditfuse import prompts as P
 from ditfuse.conditioning import NEGATIVE_PROMPT, PREFIX, SUFFIX, tokenize_multimodal
-from ditfuse.inference import FusionPipeline, main, parser, resolve_dtype, sampler_settings
+from ditfuse.inference import (
+    main,
+    parser,
+    resolve_dtype,
+    sampler_settings,
+)
 from ditfuse.pairs import official_size, prepare_official, processor_crop, restore
 from ditfuse.sampler import SamplerSettings, euler, initial_noise
 from ditfuse.tokenizer import load_tokenizer
@@ -112,8 +117,8 @@ def published() -> dict[str, str]:
     text = PROMPTS_MD.read_text(encoding="utf-8")
     i_text = re.search(r"`I` stands for\s+`([^`]+)`", text).group(1)
     r_text = re.search(r"and `R` for `([^`]+)`", text).group(1)
-    rows = dict(re.findall(r"^\| ([A-Z0-9+ ]+) \| `([^`]+)`", text, flags=re.M))
-    expand = lambda s: s.replace(" I ", f" {i_text} ").replace(" R ", f" {r_text} ")  # noqa: E731
+    rows = dict(re.findall(r"^\| ([A-Z0-9+ ]+) \| `([^`]+)`", text, flags=re.MULTILINE))
+    expand = lambda s: s.replace(" I ", f" {i_text} ").replace(" R ", f" {r_text} ")
     out = {k: expand(v) for k, v in rows.items()}
     out["negative"] = re.search(r"negative_prompt`\), exactly:\s+`([^`]+)`", text).group(1)
     out["wrapper"] = re.search(r"OmniGen wraps every prompt as `([^`]+)`", text).group(1)
@@ -348,9 +353,8 @@ def test_core_reads_pairs_without_importing_datamodules():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    from datamodules import io, pairs
-
     import ditfuse.pairs as core
+    from datamodules import io, pairs
 
     assert pairs.find_pairs is core.find_pairs and io.read_image.__module__ == "ditfuse.images"
 
