@@ -5,7 +5,8 @@ conversions see the standard module names). The forward is our own because diffu
 dense float mask built on the host and recomputes the condition tokens at every step. Ours:
 
 - takes a `Conditioning` (compact) and builds the boolean mask on the compute device;
-- applies RoPE per batch row (diffusers reads only row 0's position ids, DESIGN.md interop);
+- applies RoPE per batch row, positions and short/long factors alike (diffusers reads only row
+  0's position ids and picks one factor set per batch; DESIGN.md interop);
 - checkpoints blocks when `gradient_checkpointing` is on;
 - splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
   tokens against the cached K/V): exact, since condition tokens never attend to t-dependent
@@ -103,15 +104,21 @@ def transformer_config(model) -> dict:
 # RoPE (Phi-3 "su"/longrope scaled, as diffusers' OmniGenSuScaledRotaryEmbedding, per row)
 # ---------------------------------------------------------------------------------------------
 def rope_cos_sin(rope: nn.Module, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, 1, L, head_dim) in float32 for position ids (B, L)."""
+    """cos, sin of shape (B, 1, L, head_dim) in float32 for position ids (B, L).
+
+    Each row picks short or long factors from its own length (its largest position + 1), as the
+    official pipeline does by running every guidance branch on its own (`separate_cfg_infer`):
+    one choice per batch would make a row's output depend on its batch mates (DESIGN.md interop).
+    """
     dev = position_ids.device
-    seq_len = int(position_ids.max()) + 1
-    # the factor switch depends on the longest position in the batch (DESIGN.md interop facts)
-    factors = rope.long_factor if seq_len > rope.original_max_position_embeddings else rope.short_factor
-    ext = torch.tensor(factors, dtype=torch.float32, device=dev)
+    row_len = position_ids.amax(dim=1) + 1  # (B,)
+    use_long = (row_len > rope.original_max_position_embeddings)[:, None]  # (B, 1)
+    short = torch.tensor(rope.short_factor, dtype=torch.float32, device=dev)
+    long = torch.tensor(rope.long_factor, dtype=torch.float32, device=dev)
+    ext = torch.where(use_long, long, short)  # (B, hd/2)
     exps = torch.arange(0, rope.dim, 2, dtype=torch.int64, device=dev).float() / rope.dim
-    inv_freq = 1.0 / (ext * rope.base ** exps)  # (hd/2,)
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, L, hd/2)
+    inv_freq = 1.0 / (ext * rope.base ** exps)  # (B, hd/2)
+    freqs = position_ids.float()[..., None] * inv_freq[:, None, :]  # (B, L, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, L, hd)
     scale = rope.max_position_embeddings / rope.original_max_position_embeddings
     factor = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(rope.original_max_position_embeddings))

@@ -27,14 +27,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ditfuse.prompts import DROP_ALL_PROMPT, NEGATIVE_PROMPT
+
 # OmniGen's instruction wrapper (OmniGenMultiModalProcessor.add_prefix_instruction).
 PREFIX = "<|user|>\nGenerate an image according to the following instructions\n"
 SUFFIX = "<|end|>\n<|assistant|>\n<|diffusion|>"
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 
-# Guidance-branch prompts. The images-only prompt is OmniGen's image-CFG prompt
-# (`" ".join("<img><|image_k|></img>")`); the unconditional branch has no text and no images.
-UNCOND_PROMPT = ""
+# Guidance-branch prompts (PROMPTS.md). The images-only prompt is OmniGen's image-CFG prompt
+# (`" ".join("<img><|image_k|></img>")`). The unconditional branch is OmniGen's default negative
+# prompt without images (OmniGenProcessor.__call__, argument `negative_prompt`), wrapped like any
+# prompt; official training drops all conditions to the instruction `<cfg>` without images
+# (OmniGen/train_helper/data.py), so `<cfg>` is the default text of a training drop-all row.
+UNCOND_PROMPT = DROP_ALL_PROMPT  # the training drop-all row's default text (older name)
 
 
 def image_only_prompt(num_images: int) -> str:

@@ -4,7 +4,12 @@
 format, or a Lightning checkpoint with its EMA weights) and fuses prepared pairs in batches;
 `main(argv)` is the command line around it. Pre/post-processing (read, resize image 2, scale to
 `--max-side`, pad to the token grid, crop and resize back to image 1's size) lives in
-datamodules/pairs.py, shared with `ditfuse predict`.
+ditfuse/pairs.py, shared with `ditfuse predict`.
+
+`--official` writes what the official DiTFuse test.py writes (see OFFICIAL_HELP): its resize rule
+and output size, guidance and seed defaults, bf16 with the original's casts, noise on the
+device's generator, uint8 by truncation. The negative prompt of the unconditional branch and the
+per-row RoPE factors are the original's in both modes.
 
 Each pair's initial noise comes from `--seed` alone, not from its position in a batch, so an
 output does not depend on `--batch-size` or on the other pairs of the folder.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from ditfuse.images import ImageReadError, read_image, to_tensor, to_uint8
+from ditfuse.pairs import (
+    DEFAULT_MAX_SIDE,
+    PreparedPair,
+    batch_pairs,
+    find_pairs,
+    make_prompt,
+    pair_dirs,
+    prepare_official,
+    prepare_pair,
+    read_prompt_file,
+    restore,
+)
+from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS, NEGATIVE_PROMPT
 from ditfuse.sampler import SamplerSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,9 +163,9 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def resolve_dtype(dtype: str | None, device: torch.device, official: bool = False) -> torch.dtype:
+    if dtype in (None, "auto"):  # OmniGenPipeline's default dtype is bf16 on every device
+        return torch.bfloat16 if device.type == "cuda" or official else torch.float32
     if dtype not in DTYPES:
         raise FuseError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -154,7 +173,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 @dataclass
 class FusionPipeline:
-    """A loaded model plus the pre/post-processing of datamodules/pairs.py.
+    """A loaded model plus the pre/post-processing of ditfuse/pairs.py (test.py's with `official`).
 
     >>> pipe = FusionPipeline.load(model="OmniGen-v1", lora="ditfuse-lora")
     >>> fused = pipe.fuse(read_image("vis.png"), read_image("ir.png"), make_prompt("ivif"))
@@ -164,57 +183,63 @@ class FusionPipeline:
     max_side: int
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     warn: Callable[[str], None] = _stderr_warning
+    official: bool = False
 
     @classmethod
     def load(cls, model: str | None = None, preset: str | None = None, lora: str | None = None,
              checkpoint: str | None = None, vae: str | None = None, tokenizer: str | None = None,
              use_ema: bool = True, device: str | None = None, dtype: str | None = None,
              max_side: int | None = None, sampler: SamplerSettings | None = None,
-             warn: Callable[[str], None] = _stderr_warning) -> FusionPipeline:
+             warn: Callable[[str], None] = _stderr_warning, official: bool = False) -> FusionPipeline:
         dev = resolve_device(device)
         module = load_module(model, preset, lora, checkpoint, vae, tokenizer, use_ema, warn)
-        module.backbone.to(device=dev, dtype=resolve_dtype(dtype, dev))
-        module.to(dev)  # the codec stays float32 (the SDXL VAE overflows in fp16)
-        return cls(module, check_max_side(module, max_side), sampler or SamplerSettings(), warn)
+        # the official pipeline casts the whole model (buffers too) to bf16 by default
+        module.backbone.to(device=dev, dtype=resolve_dtype(dtype, dev, official))
+        module.to(dev)  # the codec stays float32 (the SDXL VAE overflows in fp16; the original keeps it too)
+        return cls(module, check_max_side(module, max_side, official), sampler or SamplerSettings(), warn,
+                   official)
 
     @property
     def multiple(self) -> int:
         return int(self.module.pixels_per_token)
 
-    def prepare(self, image1: np.ndarray, image2: np.ndarray, name: str = "pair"):
-        from datamodules.pairs import prepare_pair
-
-        item = prepare_pair(image1, image2, self.max_side, self.multiple)
+    def prepare(self, image1: np.ndarray, image2: np.ndarray, name: str = "pair") -> PreparedPair:
+        if self.official:
+            item = prepare_official(image1, image2, self.max_side)
+        else:
+            item = prepare_pair(image1, image2, self.max_side, self.multiple)
         if item.image2_resized_from is not None:
             (h2, w2), (h1, w1) = item.image2_resized_from, item.original_hw
             self.warn(f"{name}: image 2 is {w2}x{h2}, image 1 is {w1}x{h1}; resized image 2 to image 1's size")
         return item
 
     @torch.no_grad()
-    def sample(self, items: list, prompts: list[str], seeds: list[int] | None = None) -> list[np.ndarray]:
-        """Fuse prepared pairs of one padded size; returns (H, W, 3) uint8 arrays at image 1's size."""
-        from datamodules.pairs import batch_pairs, restore
-
+    def sample(self, items: list[PreparedPair], prompts: list[str], seeds: list[int] | None = None
+               ) -> list[np.ndarray]:
+        """Fuse prepared pairs of one padded size; returns (H, W, 3) uint8 arrays at the output size
+        (image 1's; test.py's processing size when official)."""
         m = self.module
         seeds = seeds or [self.sampler.seed] * len(items)
-        m.val_sampler = self.sampler  # predict_step samples with the module's sampler settings
-        out = m.predict_step(batch_pairs(items, prompts, seeds), 0)
-        return [restore(o, it.content_hw, it.original_hw) for o, it in zip(out, items)]
+        m.val_sampler = self.sampler  # as predict_step: the module's sampler settings, a seed per row
+        out = m.sample(batch_pairs(items, prompts, seeds), seed=seeds, size=items[0].sample_hw)
+        return [restore(o, it.content_hw, it.original_hw, it.truncate) for o, it in zip(out, items)]
 
     def fuse(self, image1: np.ndarray, image2: np.ndarray, prompt: str, seed: int | None = None) -> np.ndarray:
         item = self.prepare(image1, image2)
         return self.sample([item], [prompt], None if seed is None else [seed])[0]
 
 
-def check_max_side(module, max_side: int | None) -> int:
-    """--max-side: a multiple of the token size, within the model's position table."""
-    from datamodules.pairs import DEFAULT_MAX_SIDE
-
+def check_max_side(module, max_side: int | None, official: bool = False) -> int:
+    """--max-side: a multiple of the token size (any size >= 16 with --official, whose rule floors
+    the sides to multiples of 16), within the model's position table."""
     m = int(module.pixels_per_token)
     limit = int(module.backbone.transformer.config.pos_embed_max_size) * module.codec.downsample
     if max_side is None:
         return min(DEFAULT_MAX_SIDE, limit // m * m)
-    if max_side < m or max_side % m:
+    if official and 16 % m == 0:
+        if max_side < 16:
+            raise FuseError(f"--max-side {max_side} must be >= 16")
+    elif max_side < m or max_side % m:
         raise FuseError(f"--max-side {max_side} must be a positive multiple of {m} (the model's pixels per token)")
     if max_side > limit:
         raise FuseError(f"--max-side {max_side} exceeds this model's position table ({limit} px); use <= {limit}")
@@ -239,8 +264,6 @@ def _output_suffix(path: Path) -> None:
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-    from datamodules.pairs import make_prompt, read_prompt_file
-
     if args.prompt_file:
         if args.prompt:
             raise FuseError("give --prompt or --prompt-file, not both")
@@ -250,8 +273,6 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def build_jobs(args: argparse.Namespace) -> tuple[list[Job], list[tuple[str, str]]]:
     """(jobs, problems found before reading any image) for the chosen mode."""
-    from datamodules.pairs import find_pairs, pair_dirs
-
     prompts = _prompts(args)
     folder = bool(args.pairs_dir or args.image1_dir or args.image2_dir)
     if folder:
@@ -321,9 +342,7 @@ class RunReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _read_pair(pipe: FusionPipeline, job: Job, cache: dict):
-    from datamodules.io import read_image
-
+def _read_pair(pipe: FusionPipeline, job: Job, cache: dict) -> PreparedPair:
     key = (job.image1, job.image2)
     if key not in cache:
         cache.clear()  # prompt-file mode reuses one pair; folder mode moves on
@@ -334,9 +353,7 @@ def _read_pair(pipe: FusionPipeline, job: Job, cache: dict):
 def _batches(pipe: FusionPipeline, jobs: list[Job], batch_size: int, report: RunReport, strict: bool
              ) -> Iterator[list[tuple[Job, object]]]:
     """Batches of (job, prepared pair) of equal padded size, in job order as far as sizes allow."""
-    from datamodules.io import ImageReadError
-
-    buckets: dict[tuple[int, ...], list] = {}
+    buckets: dict[tuple, list] = {}
     cache: dict = {}
     for job in jobs:
         try:
@@ -347,28 +364,133 @@ def _batches(pipe: FusionPipeline, jobs: list[Job], batch_size: int, report: Run
             report.skipped.append((job.name, str(e)))
             pipe.warn(f"skipping pair {job.name}: {e}")
             continue
-        bucket = buckets.setdefault(tuple(item.images.shape), [])
+        key = (tuple(item.images.shape), item.sample_hw)
+        bucket = buckets.setdefault(key, [])
         bucket.append((job, item))
         if len(bucket) == batch_size:
-            yield buckets.pop(tuple(item.images.shape))
+            yield buckets.pop(key)
     yield from buckets.values()
 
 
+class Progress:
+    """Folder-mode progress: a tqdm bar with ETA on an interactive stderr, else one line per output
+    with done/total and ETA (logs of batch jobs stay readable)."""
+
+    def __init__(self, total: int, bar: bool) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="pair", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, output: Path, seconds_per_pair: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {output} ({seconds_per_pair:.2f} s/pair, ETA {_clock(eta)})", flush=True)
+
+    def warn(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"warning: {msg}", file=sys.stderr)
+        else:
+            _stderr_warning(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
 def run_jobs(pipe: FusionPipeline, jobs: list[Job], batch_size: int = 1, overwrite: bool = False,
-             strict: bool = True) -> RunReport:
+             strict: bool = True, progress: Progress | None = None) -> RunReport:
     """Fuse every job; `strict=False` (folder mode) skips unreadable pairs and reports them."""
     report = RunReport()
-    done = 0
-    for batch in _batches(pipe, jobs, batch_size, report, strict):
-        t0 = time.perf_counter()
-        fused = pipe.sample([it for _, it in batch], [j.prompt for j, _ in batch])
-        dt = (time.perf_counter() - t0) / len(batch)
-        for (job, _), rgb in zip(batch, fused):
-            write_image(job.output, rgb, overwrite)
-            report.written.append(job.output)
-            done += 1
-            print(f"[{done}/{len(jobs)}] {job.output} ({dt:.2f} s/pair)", flush=True)
+    progress = progress or Progress(len(jobs), bar=False)
+    warn, pipe.warn = pipe.warn, progress.warn if progress.bar is not None else pipe.warn
+    try:
+        for batch in _batches(pipe, jobs, batch_size, report, strict):
+            t0 = time.perf_counter()
+            fused = pipe.sample([it for _, it in batch], [j.prompt for j, _ in batch])
+            dt = (time.perf_counter() - t0) / len(batch)
+            for (job, _), rgb in zip(batch, fused):
+                write_image(job.output, rgb, overwrite)
+                report.written.append(job.output)
+                progress.update(job.output, dt)
+    finally:
+        pipe.warn = warn
+        progress.close()
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Contact sheet (--sheet): image 1 | image 2 | output per pair, labelled
+# ---------------------------------------------------------------------------------------------
+SHEET_ROW = 256  # px: every tile is scaled to this height
+SHEET_LABEL = 28  # px: the label strip above each row
+
+
+def _tile(rgb: np.ndarray, height: int) -> np.ndarray:
+    import cv2
+
+    w = max(1, round(rgb.shape[1] * height / rgb.shape[0]))
+    return cv2.resize(rgb, (w, height), interpolation=cv2.INTER_AREA)
+
+
+def _label(width: int, texts: list[tuple[int, str]]) -> np.ndarray:
+    import cv2
+
+    strip = np.full((SHEET_LABEL, width, 3), 255, np.uint8)
+    for x, text in texts:
+        cv2.putText(strip, text, (x + 6, SHEET_LABEL - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def sheet_row(name: str, image1: np.ndarray, image2: np.ndarray, fused: np.ndarray) -> np.ndarray:
+    """One labelled row: RGB uint8 tiles of equal height, 4 px white gaps."""
+    tiles = [_tile(to_uint8(to_tensor(x)), SHEET_ROW) for x in (image1, image2, fused)]
+    gap = np.full((SHEET_ROW, 4, 3), 255, np.uint8)
+    row = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
+    starts = [0, tiles[0].shape[1] + 4, tiles[0].shape[1] + tiles[1].shape[1] + 8]
+    labels = [(starts[0], f"{name}: image 1"), (starts[1], "image 2"), (starts[2], "output")]
+    return np.concatenate([_label(row.shape[1], labels), row], axis=0)
+
+
+def write_sheet(path: Path, jobs: list[Job], written: list[Path], overwrite: bool) -> None:
+    """Stack the rows of the written outputs (read back from disk, one pair at a time)."""
+    done = set(written)
+    rows = [sheet_row(j.name, read_image(j.image1), read_image(j.image2), read_image(j.output))
+            for j in jobs if j.output in done]
+    if not rows:
+        return
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    write_image(path, np.concatenate(rows, axis=0), overwrite)
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Each output's folder (or its nearest existing parent) must take a new file: checked before
+    the model loads, so a read-only or mistyped --output-dir fails in a second, not after loading."""
+    for folder in sorted({p.parent for p in paths}):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise FuseError(f"output folder {folder}: {probe} is a file, not a folder; choose another output")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise FuseError(f"output folder {folder} is not writable ({e.strerror}); choose another "
+                            "--output/--output-dir") from None
 
 
 def _check_inputs(jobs: list[Job]) -> None:
@@ -386,23 +508,53 @@ def _summary(report: RunReport, problems: list[tuple[str, str]]) -> int:
     return 1 if skipped else 0
 
 
+def _mode(args: argparse.Namespace) -> str:
+    if args.pairs_dir or args.image1_dir or args.image2_dir:
+        return "folder"
+    return "prompt-file" if args.prompt_file else "single"
+
+
+# test.py's defaults per mode (its --mode single / batch / prompt): guidance, image guidance, seed
+OFFICIAL_DEFAULTS = {"single": (2.0, 1.6, 0), "folder": (2.0, 1.6, 3047), "prompt-file": (2.5, 2.0, 42)}
+DEFAULTS = (2.5, 1.6, 0)  # OmniGen's pipeline defaults (guidance 2.5 in its examples), seed 0
+
+
+def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
+    """The sampler for the command line; unset guidance / seed take the mode's defaults."""
+    g, ig, seed = OFFICIAL_DEFAULTS[_mode(args)] if args.official else DEFAULTS
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    official = {"noise": "device", "state": "model"} if args.official else {}
+    return SamplerSettings(steps=args.steps, guidance_scale=pick(args.guidance_scale, g),
+                           img_guidance_scale=pick(args.img_guidance_scale, ig), kv_cache=not args.no_kv_cache,
+                           batch_branches=not args.sequential_branches, seed=pick(args.seed, seed),
+                           negative_prompt=args.negative_prompt, **official)
+
+
 def run(args: argparse.Namespace) -> int:
     jobs, problems = build_jobs(args)
-    folder = bool(args.pairs_dir or args.image1_dir or args.image2_dir)
+    folder = _mode(args) == "folder"
     check_outputs(jobs, args.overwrite)
+    sheet = Path(args.sheet) if args.sheet else None
+    if sheet is not None:
+        _output_suffix(sheet)
+        if sheet.exists() and not args.overwrite:
+            raise FuseError(f"{sheet} already exists; pass --overwrite to replace, or choose another --sheet")
+    check_writable([j.output for j in jobs] + ([sheet] if sheet else []))
     if not folder:
         _check_inputs(jobs)
     for name, why in problems:
         _stderr_warning(f"skipping {name}: {why}")
     if args.batch_size < 1 or args.steps < 1:
         raise FuseError("--batch-size and --steps must be >= 1")
-    sampler = SamplerSettings(steps=args.steps, guidance_scale=args.guidance_scale,
-                              img_guidance_scale=args.img_guidance_scale, kv_cache=not args.no_kv_cache,
-                              batch_branches=not args.sequential_branches, seed=args.seed)
     pipe = FusionPipeline.load(args.model, args.preset, args.lora, args.checkpoint, args.vae, args.tokenizer,
                                use_ema=not args.no_ema, device=args.device, dtype=args.dtype,
-                               max_side=args.max_side, sampler=sampler)
-    report = run_jobs(pipe, jobs, args.batch_size, args.overwrite, strict=not folder)
+                               max_side=args.max_side, sampler=sampler_settings(args), official=args.official)
+    bar = folder and not args.no_progress and sys.stderr.isatty()
+    report = run_jobs(pipe, jobs, args.batch_size, args.overwrite, strict=not folder,
+                      progress=Progress(len(jobs), bar))
+    if sheet is not None:
+        write_sheet(sheet, jobs, report.written, args.overwrite)
+        print(f"sheet: {sheet}")
     return _summary(report, problems) if folder else 0
 
 
@@ -419,7 +571,16 @@ Inputs: PNG/JPEG/BMP/TIFF, 8 or 16 bit, 1/3/4 channels (alpha dropped, grey repl
 resized to image 1 when sizes differ (warning). Pairs are scaled down to --max-side and padded to
 the token grid; outputs are written at image 1's original size. Image order: image 1 = visible /
 far-focus / over-exposed, image 2 = infrared / near-focus / under-exposed.
+With --official the size rule is test.py's instead (see --official). Folder mode shows a progress bar
+with ETA on a terminal (a line per output otherwise, or with --no-progress).
 Exit status: 0 on success; 1 on an error or when folder mode skipped a pair (the summary lists it)."""
+
+OFFICIAL_HELP = ("write what the official DiTFuse test.py writes: long side scaled to --max-side (default 1024) "
+                 "up or down, sides floored to multiples of 16 (LANCZOS), output saved at that size; guidance "
+                 "2.0 / image guidance 1.6 and seed 0 (folder mode: seed 3047; --prompt-file: 2.5 / 2.0, seed 42); "
+                 "--dtype auto = bf16 with the original's casts (Euler state, condition latents, timesteps in "
+                 "bf16); noise on the device's generator; uint8 by truncation. Without it: source-size "
+                 "output, no upscaling, guidance 2.5 / 1.6, seed 0, fp32 on CPU, rounding")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -451,6 +612,10 @@ def parser() -> argparse.ArgumentParser:
                    "--prompt-file <image1 name>_001.png, ...)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse, exit 1, "
                    "leave them untouched)")
+    g.add_argument("--sheet", metavar="FILE", help="also write a side-by-side sheet: image 1 | image 2 | output "
+                   "per pair, labelled (.png, .jpg, ...)")
+    g.add_argument("--no-progress", action="store_true", help="folder mode: no progress bar (a line per output "
+                   "with done/total and ETA, as when stderr is not a terminal)")
 
     g = p.add_argument_group("prompt")
     g.add_argument("--task", choices=FUSION_TASKS, help="fusion task: ivif (infrared-visible), mff (multi-focus), "
@@ -463,15 +628,22 @@ def parser() -> argparse.ArgumentParser:
                    "LIGHT+ slight up, LIGHT- slight down, LIGHT-- strong down) or contrast (CONTRAST+/-) of the "
                    "fused result; the base instruction is --task's (M3's when absent)")
     g.add_argument("--segment", metavar="CLASS", help="[SEG] prompt: paint the CLASS mask in blue over the image")
+    g.add_argument("--negative-prompt", metavar="TEXT", default=NEGATIVE_PROMPT, help="text of the "
+                   "unconditional guidance branch, no images (default: OmniGen's default negative prompt, "
+                   "'low quality, jpeg artifacts, ugly, ...')")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
-    g.add_argument("--guidance-scale", type=float, default=2.5, help="text guidance s_txt (default: 2.5, OmniGen)")
-    g.add_argument("--img-guidance-scale", type=float, default=1.6, help="image guidance s_img (default: 1.6, "
-                   "OmniGen); 1 and 1 run the conditional branch only")
-    g.add_argument("--seed", type=int, default=0, help="initial-noise seed, the same for every pair (default: 0)")
+    g.add_argument("--official", action="store_true", help=OFFICIAL_HELP)
+    g.add_argument("--guidance-scale", type=float, help="text guidance s_txt (default: 2.5, OmniGen; "
+                   "--official: test.py's)")
+    g.add_argument("--img-guidance-scale", type=float, help="image guidance s_img (default: 1.6, OmniGen; "
+                   "--official: test.py's); 1 and 1 run the conditional branch only")
+    g.add_argument("--seed", type=int, help="initial-noise seed, the same for every pair (default: 0; "
+                   "--official: test.py's)")
     g.add_argument("--max-side", type=int, help="processing resolution: long side in pixels, a multiple of the "
-                   "model's token size (16 for OmniGen-v1); larger inputs are scaled down (default: 1024)")
+                   "model's token size (16 for OmniGen-v1); larger inputs are scaled down, never up (default: "
+                   "1024); with --official the long side is set to it, up or down")
     g.add_argument("--batch-size", type=int, default=1, help="pairs sampled together (same processed size; "
                    "default: 1); outputs do not depend on it")
     g.add_argument("--no-kv-cache", action="store_true", help="recompute the condition tokens at every step "
@@ -480,14 +652,13 @@ def parser() -> argparse.ArgumentParser:
                    "another (less memory, slower)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto = cuda if present)")
     g.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="transformer precision "
-                   "(default: auto = bf16 on CUDA, fp32 on CPU); the VAE stays fp32")
+                   "(default: auto = bf16 on CUDA, fp32 on CPU; bf16 everywhere with --official); the VAE "
+                   "stays fp32")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from datamodules.io import ImageReadError
-
     try:
         return run(args)
     except (FuseError, FileNotFoundError, ImageReadError, ValueError) as e:

@@ -14,7 +14,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from ditfuse import flow as F
 from ditfuse.backbone import Backbone, build_transformer, load_transformer
 from ditfuse.codec import build_codec
-from ditfuse.conditioning import UNCOND_PROMPT, image_only_prompt
+from ditfuse.conditioning import DROP_ALL_PROMPT, image_only_prompt
 from ditfuse.config import ModelConfig
 from ditfuse.lora import LoraSettings, add_lora, count_parameters, save_adapter
 from ditfuse.sampler import SamplerSettings, sample_latents
@@ -64,6 +64,7 @@ class FlowSettings:
     # condition dropout for dual CFG (InstructPix2Pix uses 5% + 5%; OmniGen drops conditions ~10%)
     p_text: float = 0.05  # drop text, keep images -> trains v_img
     p_all: float = 0.05  # drop text and images -> trains v_u
+    drop_all_prompt: str = DROP_ALL_PROMPT  # a drop-all row's text, no images (official training: <cfg>)
 
     def __post_init__(self) -> None:
         if self.t_sampler not in F.TIME_SAMPLERS:
@@ -192,7 +193,7 @@ class DiTFuseModule(pl.LightningModule):
         out, counts = [], []
         for p, dt, da in zip(prompts, drop_text.tolist(), drop_all.tolist()):
             if da:
-                out.append(UNCOND_PROMPT)
+                out.append(fs.drop_all_prompt)
                 counts.append(0)
             else:
                 out.append(image_only_prompt(NUM_INPUT_IMAGES) if dt else p)
@@ -262,13 +263,10 @@ class DiTFuseModule(pl.LightningModule):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} image rows")
         base = self.val_sampler
-        settings = SamplerSettings(
-            steps=base.steps if steps is None else steps,
-            guidance_scale=base.guidance_scale if guidance_scale is None else guidance_scale,
-            img_guidance_scale=base.img_guidance_scale if img_guidance_scale is None else img_guidance_scale,
-            kv_cache=base.kv_cache if kv_cache is None else kv_cache,
-            batch_branches=base.batch_branches if batch_branches is None else batch_branches,
-            seed=base.seed if seed is None or not isinstance(seed, int) else seed)
+        given = {"steps": steps, "guidance_scale": guidance_scale, "img_guidance_scale": img_guidance_scale,
+                 "kv_cache": kv_cache, "batch_branches": batch_branches,
+                 "seed": seed if isinstance(seed, int) else None}
+        settings = replace(base, **{k: v for k, v in given.items() if v is not None})
         seeds = list(seed) if seed is not None and not isinstance(seed, int) else None
         H, W = size or images.shape[-2:]
         self.codec.check_size(H, W, self.pixels_per_token)

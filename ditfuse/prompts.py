@@ -29,13 +29,28 @@ CONTROL_SUBTASKS: tuple[str, ...] = ("LIGHT++", "LIGHT+", "LIGHT-", "LIGHT--", "
 IMAGE_1 = "<img><|image_1|></img>"
 IMAGE_2 = "<img><|image_2|></img>"
 
-TEMPLATE = (
-    "{head}This is the first image " + IMAGE_1 + ", and this is the second image " + IMAGE_2
-    + ". Please generate the image based on the following requirements: {instruction}"
+IMAGES = "This is the first image " + IMAGE_1 + ", and this is the second image " + IMAGE_2 + "."
+REQUIREMENTS = "Please generate the image based on the following requirements:"
+# `{head}I R XXX` (PROMPTS.md). The published IVIF example has no R ("... second image
+# <img><|image_2|></img>. Please generate a fused image that ..."), so IVIF prompts leave it out.
+TEMPLATE = "{head}" + IMAGES + " " + REQUIREMENTS + " {instruction}"
+TEMPLATE_NO_REQUIREMENTS = "{head}" + IMAGES + " {instruction}"
+NO_REQUIREMENTS_TASKS: tuple[str, ...] = ("ivif",)
+
+# OmniGen's default negative prompt: the unconditional guidance branch's text, without images
+# (OmniGenProcessor.__call__, argument `negative_prompt`; PROMPTS.md). Official training instead
+# drops all conditions to the instruction `<cfg>` without images (OmniGen/train_helper/data.py).
+NEGATIVE_PROMPT = (
+    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
+    "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, bad "
+    "proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, missing arms, "
+    "missing legs, extra arms, extra legs, fused fingers, too many fingers."
 )
+DROP_ALL_PROMPT = "<cfg>"
 
 # ---------------------------------------------------------------------------------------------
-# Instruction pools (several phrasings each; the first is the published one)
+# Instruction pools (several phrasings each; the first is the published one, verbatim:
+# DiTFuse prompt.md section 5, copied in PROMPTS.md; CONTROL's only published text is LIGHT+'s)
 # ---------------------------------------------------------------------------------------------
 _FUSE_BOTH = "Extract and fuse high-quality features from both images."
 
@@ -49,11 +64,15 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "background details.",
     ),
     "mff": (
+        "Detect sharp regions via Laplacian focus measures, create an all-in-focus mask, and seamlessly "
+        "blend them to produce a tack-sharp photo from foreground to background without visible seams.",
         "Please generate an all-in-focus image that keeps the sharp regions of both images.",
         "Fuse the two differently focused images into one image that is sharp everywhere.",
         "Merge the in-focus areas of both images into a single fully focused image.",
     ),
     "mef": (
+        "Merge the well-exposed mid-tones of image 1 with the shadow details of image 2, apply locally "
+        "adaptive tone mapping to preserve texture contrast, and ensure natural global luminance.",
         "Please generate a well-exposed image that keeps the details of both the over-exposed "
         "and the under-exposed image.",
         "Fuse the two exposures into one image with balanced brightness and full detail.",
@@ -133,7 +152,8 @@ def build_prompt(task: str, instruction: str, *, subtask: str | None = None, tag
     instruction = instruction.strip()
     if not instruction.endswith("."):
         instruction += "."
-    return TEMPLATE.format(head=head, instruction=instruction)
+    template = TEMPLATE_NO_REQUIREMENTS if task in NO_REQUIREMENTS_TASKS else TEMPLATE
+    return template.format(head=head, instruction=instruction)
 
 
 def default_prompt(task: str, *, subtask: str | None = None, cls: str | None = None,

@@ -15,6 +15,7 @@ convention diffusers' OmniGenMultiModalProcessor relies on).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,9 +37,10 @@ _EXTRA_WORDS = ("person people car tree sky road building grass water bicycle bu
 
 
 def _phrases() -> tuple[str, ...]:
-    """Fixed multi-word phrases: OmniGen's wrapper, the DiTFuse template around the image
-    placeholders, and every pooled instruction (seg ones split around their class name)."""
-    out = {"Generate an image according to the following instructions"}
+    """Fixed multi-word phrases: OmniGen's wrapper and default negative prompt, the DiTFuse template
+    around the image placeholders, and every pooled instruction (seg ones split around their class
+    name)."""
+    out = {"Generate an image according to the following instructions", P.NEGATIVE_PROMPT}
     out.update(part.strip(" ") for part in re.split(r"\{head\}|<img><\|image_\d\|></img>|\{instruction\}", P.TEMPLATE))
     for pool in list(P.INSTRUCTIONS.values()) + list(P.CONTROL_INSTRUCTIONS.values()):
         for text in pool:
@@ -59,7 +61,7 @@ _TOKEN_RE = re.compile(rf"{_SPECIAL_RE}|{_PHRASE_RE}|[A-Za-z]+|[0-9]|[^\sA-Za-z0
 
 
 def _prompt_words() -> list[str]:
-    texts = [P.TEMPLATE] + [s for pool in P.INSTRUCTIONS.values() for s in pool]
+    texts = [P.TEMPLATE, P.NEGATIVE_PROMPT] + [s for pool in P.INSTRUCTIONS.values() for s in pool]
     texts += [s for pool in P.CONTROL_INSTRUCTIONS.values() for s in pool]
     words = set(_EXTRA_WORDS)
     for t in texts:
@@ -143,14 +145,19 @@ class PretrainedTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer in {path} (looked for tokenizer/ and tokenizer.json/tokenizer_config.json): "
                 "pass a local OmniGen folder via --model.pretrained or --model.tokenizer; nothing is downloaded")
-        from transformers import AutoTokenizer
-
-        self.hf = AutoTokenizer.from_pretrained(str(cand), local_files_only=True)
+        self.hf = _load_hf_tokenizer(cand)
         self.bos_token_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)
+        # Llama/Phi-3 tokenizer_config.json says add_bos_token; transformers 4.x rebuilt the
+        # post-processor from it, so honour it where the file's post-processor does not add BOS
+        cfg_file = cand / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        self.force_bos = bool(cfg.get("add_bos_token")) and self.bos_token_id is not None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = list(self.hf(text).input_ids)
+        if self.force_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
         if not add_bos and ids and ids[0] == self.bos_token_id:
             ids = ids[1:]
         return ids
@@ -160,6 +167,23 @@ class PretrainedTokenizer:
 
     def __call__(self, text: str) -> SimpleNamespace:
         return SimpleNamespace(input_ids=self.encode(text))
+
+
+def _load_hf_tokenizer(folder: Path):
+    """The folder's tokenizer, tokenizing exactly as the original OmniGen (transformers 4.45) does.
+
+    With a tokenizer.json it is used verbatim (PreTrainedTokenizerFast): transformers 5's
+    LlamaTokenizer rebuilds its own normalizer from the vocabulary and drops the "▁" that the
+    file's normalizer puts after special tokens (`<|user|>` + "\n" gives other ids than in 4.45).
+    Without one, AutoTokenizer with an empty config: otherwise it parses the folder's model
+    config.json, in the original OmniGen-v1 layout a Phi-3 config with rope_scaling type "su",
+    which transformers 5 rejects (KeyError: 'original_max_position_embeddings').
+    """
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, config=PretrainedConfig())
 
 
 Tokenizer = BuiltinTokenizer | PretrainedTokenizer

@@ -8,6 +8,7 @@ import torch
 
 from ditfuse import prompts as P
 from ditfuse.backbone import Backbone, build_transformer
+from ditfuse.conditioning import build_conditioning, image_only_prompt
 from ditfuse.config import ModelConfig
 from ditfuse.sampler import SamplerSettings, branch_weights, euler, initial_noise, sample_latents
 from ditfuse.tokenizer import BuiltinTokenizer
@@ -63,3 +64,74 @@ def test_kv_cache_equals_no_cache_and_seeded(tiny_backbone):
     again = sample_latents(tiny_backbone, tok, prompts, lat, (12, 8, 8), SamplerSettings(steps=4, seed=3))
     assert torch.equal(again, sample_latents(tiny_backbone, tok, prompts, lat, (12, 8, 8),
                                              SamplerSettings(steps=4, seed=3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE factors per row (issue 11): batched branches == sequential ones, rows independent
+# ---------------------------------------------------------------------------------------------
+SWITCH = 68  # lowered original_max_position_embeddings: the rows of these tests fall on both sides
+
+
+@pytest.fixture(scope="module")
+def switched_backbone():
+    """Tiny backbone with non-unit short/long factors and the switch inside the rows' lengths."""
+    tr = build_transformer(ModelConfig.from_name("tiny", num_layers=2), seed=1)
+    with torch.no_grad():
+        for p in tr.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    half = tr.rope.dim // 2
+    tr.rope.short_factor = [1.0 + 0.5 * i for i in range(half)]
+    tr.rope.long_factor = [2.0 + 3.0 * i for i in range(half)]
+    tr.rope.original_max_position_embeddings = SWITCH
+    tr.rope.max_position_embeddings = 4 * SWITCH
+    return Backbone(tr.eval())
+
+
+def _row_lengths(cond) -> list[int]:
+    return (cond.position_ids().amax(dim=1) + 1).tolist()
+
+
+def test_guidance_branches_straddle_the_switch_and_batched_equals_sequential(switched_backbone):
+    from ditfuse.sampler import GuidedVelocity
+
+    tok = BuiltinTokenizer()
+    prompts = [P.default_prompt("mef"), P.default_prompt("m3")]
+    lat = torch.randn(2, 2, 12, 6, 6, generator=torch.Generator().manual_seed(0))  # 9 tokens per image
+    out_hw = (12, 12)  # 36 output tokens
+    g = {}
+    for batched in (True, False):
+        g[batched] = GuidedVelocity(switched_backbone, tok, prompts, lat, out_hw, 2.0, 1.6, kv_cache=False,
+                                    batch_branches=batched)
+    lengths = {name: _row_lengths(c) for name, c in g[False].conds.items()}
+    # the conditional rows pass the switch, the image-only and negative-prompt rows do not
+    assert min(lengths["c"]) > SWITCH >= max(lengths["img"] + lengths["u"]), lengths
+    x = torch.randn(2, 12, 12, 12, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.3, 0.7])
+    v_batched, v_seq = g[True](x, t), g[False](x, t)
+    assert (v_batched - v_seq).abs().max() < 1e-5
+    # and the choice matters: every row on the long factors gives another velocity
+    rope = switched_backbone.transformer.rope
+    short = rope.short_factor
+    rope.short_factor = rope.long_factor
+    try:
+        v_long = g[False](x, t)
+    finally:
+        rope.short_factor = short
+    assert (v_long - v_seq).abs().max() > 1e-4  # 10x the tolerance above
+
+
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["full", "kv_cached"])
+def test_a_rows_output_does_not_depend_on_its_batch_mates(switched_backbone, kv_cache):
+    tok = BuiltinTokenizer()
+    long_prompt, short_prompt = P.default_prompt("mff"), image_only_prompt(2)
+    lat = torch.randn(2, 2, 12, 6, 6, generator=torch.Generator().manual_seed(2))
+    s = SamplerSettings(steps=2, guidance_scale=1.0, img_guidance_scale=1.0, kv_cache=kv_cache, seed=5)
+    both = sample_latents(switched_backbone, tok, [long_prompt, short_prompt], lat, (12, 12, 12), s)
+    alone = [sample_latents(switched_backbone, tok, [p], lat[i:i + 1], (12, 12, 12), s)
+             for i, p in enumerate((long_prompt, short_prompt))]
+    cond = build_conditioning(tok, [long_prompt, short_prompt], 2, tokens_per_image=9, num_output_tokens=36)
+    lengths = _row_lengths(cond)
+    assert lengths[0] > SWITCH >= lengths[1], lengths  # one row on each side of the switch
+    for i in range(2):
+        assert (both[i] - alone[i][0]).abs().max() < 1e-5, i
