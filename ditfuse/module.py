@@ -13,6 +13,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from ditfuse.codec import build_codec
 from ditfuse.conditioning import UNCOND_PROMPT, image_only_prompt
 from ditfuse.config import ModelConfig
 from ditfuse.lora import LoraSettings, add_lora, count_parameters, save_adapter
+from ditfuse.prompts import TASKS
 from ditfuse.sampler import SamplerSettings, sample_latents
 from ditfuse.tokenizer import load_tokenizer
 
@@ -94,6 +96,47 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     b = ((target.float().clamp(-1, 1) + 1) / 2).flatten(1)
     mse = (a - b).pow(2).mean(1).clamp_min(1e-10)
     return 10 * torch.log10(1.0 / mse)
+
+
+def sample_seed(base: int, *parts: str) -> int:
+    """A stable 63-bit seed from a base seed and strings (a validation sample's task and key): a
+    sample draws the same noise whichever rank, batch or position it lands in."""
+    digest = hashlib.blake2b("/".join((str(base), *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def val_metric_names(tasks: tuple[str, ...] = TASKS) -> list[str]:
+    """Every key validation may log, in one fixed order (the same list on every rank)."""
+    return (["val/loss", "val/psnr"] + [f"val/loss/{t}" for t in tasks] + [f"val/{t}/psnr" for t in tasks]
+            + ["val/m3/psnr_mean"])
+
+
+class GlobalMeans:
+    """Sums and counts per fixed key, reduced over all ranks once per epoch.
+
+    Each rank holds the same ordered key list, so the epoch-end all-reduce is one collective on
+    every rank whatever tasks a rank saw; the mean is over all samples of all ranks, so it does
+    not depend on the world size, the batch size or the order. A key no rank saw is not logged.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.index = {n: i for i, n in enumerate(names)}
+        self.totals = torch.zeros(2, len(names), dtype=torch.float64)  # sums, counts
+
+    def reset(self, device: torch.device) -> None:
+        self.totals = torch.zeros_like(self.totals, device=device)
+
+    def add(self, name: str, values: Tensor) -> None:
+        i = self.index[name]
+        self.totals[0, i] += values.detach().double().sum().to(self.totals.device)
+        self.totals[1, i] += values.numel()
+
+    def reduce(self) -> dict[str, float]:
+        totals = self.totals.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        sums, counts = totals.tolist()
+        return {n: sums[i] / counts[i] for n, i in self.index.items() if counts[i] > 0}
 
 
 class DiTFuseModule(pl.LightningModule):
@@ -167,6 +210,7 @@ class DiTFuseModule(pl.LightningModule):
                              f"{transformer.config.vocab_size}: model.tokenizer does not match the model")
         # partial (trainable-only) checkpoints load with strict=False; on_load_checkpoint checks them
         self.strict_loading = False
+        self._val_means = GlobalMeans(val_metric_names())
 
     # -----------------------------------------------------------------------------------------
     # Shapes and encoding
@@ -200,8 +244,11 @@ class DiTFuseModule(pl.LightningModule):
         return out, counts
 
     def flow_loss(self, batch: dict[str, Any], dropout: bool = True,
-                  generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample flow-matching loss (B,) for a batch."""
+                  generator: torch.Generator | None = None, seeds: list[int] | None = None) -> Tensor:
+        """Per-sample flow-matching loss (B,) for a batch.
+
+        t and x0 come from torch's global generator, from `generator`, or with `seeds` (one per
+        row) from a generator per row, so a row's loss does not depend on its batch (validation)."""
         from ditfuse.conditioning import build_conditioning
 
         images, target = batch["images"], batch["target"]
@@ -218,11 +265,24 @@ class DiTFuseModule(pl.LightningModule):
         cond = build_conditioning(self.tokenizer, prompts, counts, tokens_per_image=n, num_output_tokens=N,
                                   device=self.device)
         # 3. Flow matching: x_t = t x1 + (1 - t) x0, target x1 - x0
-        fs = self.flow_settings
-        t = F.sample_t(B, fs.t_sampler, mean=fs.t_mean, std=fs.t_std, shift=fs.t_shift, generator=generator).to(self.device)
-        x0 = torch.randn(x1.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x1)
+        t, x0 = self._draw_t_x0(x1, generator, seeds)
         v = self.backbone(F.interpolate(x0, x1, t), t, cond, cond_lat)
         return F.per_sample_mse(v, F.velocity_target(x0, x1))
+
+    def _draw_t_x0(self, x1: Tensor, generator: torch.Generator | None,
+                   seeds: list[int] | None) -> tuple[Tensor, Tensor]:
+        fs = self.flow_settings
+        kw = dict(kind=fs.t_sampler, mean=fs.t_mean, std=fs.t_std, shift=fs.t_shift)
+        if seeds is not None:
+            if len(seeds) != x1.shape[0]:
+                raise ValueError(f"{len(seeds)} seeds for a batch of {x1.shape[0]}")
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            t = torch.cat([F.sample_t(1, generator=g, **kw) for g in gens])
+            x0 = torch.stack([torch.randn(x1.shape[1:], generator=g) for g in gens])
+            return t.to(self.device), x0.to(self.device, x1.dtype)
+        t = F.sample_t(x1.shape[0], generator=generator, **kw).to(self.device)
+        x0 = torch.randn(x1.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x1)
+        return t, x0
 
     def _log_per_task(self, prefix: str, values: Tensor, tasks: list[str], **kw) -> None:
         for task in sorted(set(tasks)):
@@ -283,21 +343,42 @@ class DiTFuseModule(pl.LightningModule):
             self.backbone.train(was_training)
         return self.codec.decode(lat).float().clamp(-1, 1)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_means.reset(self.device)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate per-sample values under fixed keys; `on_validation_epoch_end` logs the means.
+
+        Noise (loss t/x0 and the sampler's initial noise) is seeded per sample from
+        (val_sampler.seed, task, key): the values do not depend on the rank or batch a sample is in.
+        """
         tasks = list(batch["task"])
-        B = len(tasks)
-        g = torch.Generator().manual_seed(1234 + batch_idx)  # same noise every validation
-        loss = self.flow_loss(batch, dropout=False, generator=g)
-        self.log("val/loss", loss.mean(), batch_size=B, sync_dist=True)
-        out = self.sample(batch)
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"validation batch has unknown tasks {unknown}; known: {', '.join(TASKS)}")
+        ids = [(t, str(k)) for t, k in zip(tasks, batch["key"])]
+        base = self.val_sampler.seed
+        loss = self.flow_loss(batch, dropout=False, seeds=[sample_seed(base, "loss", *i) for i in ids])
+        out = self.sample(batch, seed=[sample_seed(base, "sample", *i) for i in ids])
         target = batch["target"].to(out.device)
-        self._log_per_task("val", psnr(out, target), [f"{t}/psnr" for t in tasks], sync_dist=True)
-        self.log("val/psnr", psnr(out, target).mean(), batch_size=B, sync_dist=True)
-        m3 = [i for i, t in enumerate(tasks) if t == "m3"]
-        if m3:
+        score = psnr(out, target)
+        acc = self._val_means
+        acc.add("val/loss", loss)
+        acc.add("val/psnr", score)
+        for task in sorted(set(tasks)):
+            rows = torch.tensor([i for i, tk in enumerate(tasks) if tk == task])
+            acc.add(f"val/loss/{task}", loss[rows.to(loss.device)])
+            acc.add(f"val/{task}/psnr", score[rows.to(score.device)])
+        if "m3" in tasks:
+            m3 = [i for i, t in enumerate(tasks) if t == "m3"]
             mean_in = batch["images"][m3].to(out.device).mean(dim=1)  # mean fusion of the two inputs
-            self.log("val/m3/psnr_mean", psnr(mean_in, target[m3]).mean(), batch_size=len(m3), sync_dist=True)
+            acc.add("val/m3/psnr_mean", psnr(mean_in, target[m3]))
         return {"output": out}
+
+    def on_validation_epoch_end(self) -> None:
+        # already global means, the same on every rank: no further sync
+        for name, value in self._val_means.reduce().items():
+            self.log(name, value, sync_dist=False)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
