@@ -191,7 +191,11 @@ class DiTFuseModule(pl.LightningModule):
         if self.lora_settings is not None:
             if base_dtype is not None:
                 transformer = transformer.to({"bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype])
-            add_lora(transformer, self.lora_settings)
+            # peft draws lora_A from torch's global generator: seed it, so every rank builds the same
+            # adapter (FSDP does not broadcast rank 0's weights; DDP does, but only at wrap time)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                add_lora(transformer, self.lora_settings)
         elif base_dtype is not None:
             raise ValueError("model.base_dtype only applies to LoRA runs (set model.lora or drop base_dtype)")
         self.backbone = Backbone(transformer, gradient_checkpointing=gradient_checkpointing)
