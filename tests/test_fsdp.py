@@ -166,7 +166,7 @@ def _check(r: dict) -> None:
     assert r["sample"] < 1e-4, r["sample"]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full", "lora"])
 def test_fsdp1_one_unit_per_block_matches_unwrapped(lora):
     _check(_run("fsdp1", lora))
 
@@ -177,6 +177,7 @@ def test_fsdp1_activation_checkpointing_per_block(checkpointing):
     _check(_run("fsdp1", lora=True, checkpointing=checkpointing))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp2_fully_shard_per_block_matches_unwrapped(lora):
     _check(_run("fsdp2", lora))
