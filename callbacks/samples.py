@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from callbacks._common import check_every, is_due, sampled_outputs, task_indices
+from callbacks._common import check_every, first_keys, is_due, sampled_outputs, task_indices
 
 COLUMNS = ("image 1", "image 2", "output", "target")
 
@@ -85,13 +85,9 @@ class SampleGrid(pl.Callback):
         """task -> the globally first `num_samples` rows by key (complete on rank 0 only)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return {t: rs for t, rs in sorted(self._rows.items())}
-        world = dist.get_world_size()
-        keys: list[Any] = [None] * world
-        dist.all_gather_object(keys, {t: [r.key for r in rs] for t, rs in self._rows.items()})
-        chosen = {t: set(sorted({k for ks in keys for k in ks.get(t, [])})[: self.num_samples])
-                  for t in sorted({t for ks in keys for t in ks})}
+        chosen = first_keys({t: [r.key for r in rs] for t, rs in self._rows.items()}, self.num_samples)
         tagged = [(t, r) for t in chosen for r in self._rows.get(t, []) if r.key in chosen[t]]
-        parts: list[Any] | None = [None] * world if dist.get_rank() == 0 else None
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(tagged, parts, dst=0)
         out: dict[str, dict[str, _Row]] = {t: {} for t in chosen}
         for part in parts or []:
