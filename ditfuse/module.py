@@ -14,6 +14,7 @@ checkpoint.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -414,12 +415,18 @@ class DiTFuseModule(pl.LightningModule):
         return {k for k in self.state_dict() if k.startswith("backbone.")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._checkpoint_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if not _is_sharded(checkpoint["state_dict"]):
+            keep = self._checkpoint_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # else: a sharded (FSDP / ModelParallel) checkpoint keeps every key: Lightning resumes it by
+        # loading the whole module's state dict from the shards, which fails on any absent key, and
+        # each rank writes only its shard, so the frozen base costs disk, not a gather
         checkpoint["ditfuse"] = {"trainable_only": self.lora_settings is not None,
                                  "lora": None if self.lora_settings is None else asdict(self.lora_settings)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # sharded: the strategy loaded the weights from the shards
+            return
         missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensors this model trains (e.g. {missing[:3]}); "
@@ -438,5 +445,33 @@ class DiTFuseModule(pl.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
                         ) -> "DiTFuseModule":
         """Rebuild the model from its saved hyper-parameters (+ `overrides`, e.g. pretrained=...) and
-        load the checkpoint's tensors on top (trainable-only for LoRA runs)."""
+        load the checkpoint's tensors on top (trainable-only for LoRA runs). `path` is a checkpoint
+        file or the folder of a sharded FSDP checkpoint (consolidated in memory)."""
+        if Path(path).is_dir():
+            buffer = io.BytesIO()
+            torch.save(load_checkpoint_dict(path), buffer)
+            buffer.seek(0)
+            return cls.load_from_checkpoint(buffer, map_location=map_location, strict=False, **overrides)
         return cls.load_from_checkpoint(str(path), map_location=map_location, strict=False, **overrides)
+
+
+def _is_sharded(state_dict: dict[str, Any]) -> bool:
+    """True for FSDP's sharded state dicts (ShardedTensor / DTensor values)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) or type(v).__name__ == "ShardedTensor" for v in state_dict.values())
+
+
+def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict on the CPU: a .ckpt file, or the folder a sharded FSDP
+    strategy wrote (state_dict_type: sharded), consolidated with Lightning's own converter."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not (path / "meta.pt").is_file():
+        raise FileNotFoundError(f"checkpoint {path} is neither a checkpoint file nor a sharded checkpoint folder "
+                                "(with meta.pt); pass the .ckpt file or the folder Lightning's FSDP strategy wrote")
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+    return _format_checkpoint(_load_distributed_checkpoint(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,71 @@ def test_fsdp1_activation_checkpointing_per_block(checkpointing):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp2_fully_shard_per_block_matches_unwrapped(lora):
     _check(_run("fsdp2", lora))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints: written as Lightning's FSDPStrategy(state_dict_type="sharded") writes them,
+# resumed as it resumes them, and read by DiTFuseModule.from_checkpoint (`ditfuse fuse --checkpoint`)
+# ---------------------------------------------------------------------------------------------
+def _sharded_worker(rank: int, port: int, lora: bool, folder: str, result: dict) -> None:
+    import lightning
+    from lightning.fabric.strategies.fsdp import (_distributed_checkpoint_load, _distributed_checkpoint_save,
+                                                  _get_sharded_state_dict_context)
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    wrap = functools.partial(FSDP, auto_wrap_policy=ModuleWrapPolicy({OmniGenBlock}), use_orig_params=True,
+                             device_id=torch.device("cpu"))
+    try:
+        model = _model(lora)
+        root = wrap(model)  # Lightning wraps the LightningModule itself
+        opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.1)
+        # Lightning calls training_step through the root unit's forward (its _ForwardRedirection)
+        loss = _ForwardRedirection()(root, model, "flow_loss", _batch(), dropout=False, seeds=[1, 2, 3])
+        loss.mean().backward()  # then a step moves the weights
+        opt.step()
+        # save (FSDPStrategy.save_checkpoint, sharded): the hook sees a sharded state dict
+        with _get_sharded_state_dict_context(root):
+            checkpoint = {"state_dict": root.state_dict(), "hyper_parameters": dict(model.hparams),
+                          "pytorch-lightning_version": lightning.__version__}
+        model.on_save_checkpoint(checkpoint)
+        _distributed_checkpoint_save({"model": checkpoint.pop("state_dict")}, Path(folder))
+        if rank == 0:
+            torch.save(checkpoint, Path(folder) / "meta.pt")
+        dist.barrier()
+        # resume (FSDPStrategy.load_checkpoint, sharded): the whole module's keys are loaded
+        fresh = _model(lora)
+        root2 = wrap(fresh)
+        with _get_sharded_state_dict_context(root2):
+            state = {"model": root2.state_dict()}
+            _distributed_checkpoint_load(state, Path(folder))
+            root2.load_state_dict(state["model"], strict=fresh.strict_loading)
+        fresh.on_load_checkpoint(torch.load(Path(folder) / "meta.pt", weights_only=False))
+        with FSDP.summon_full_params(root), FSDP.summon_full_params(root2):
+            trained = {_clean(n): p.detach().clone() for n, p in root.named_parameters()}
+            resumed = {_clean(n): p.detach().clone() for n, p in root2.named_parameters()}
+        dist.barrier()
+        if rank == 0:  # `ditfuse fuse --checkpoint FOLDER` loads through from_checkpoint
+            loaded = dict(DiTFuseModule.from_checkpoint(folder).named_parameters())
+            init = dict(_model(lora).named_parameters())
+            result.update(
+                resumed=max((trained[n] - resumed[n]).abs().max().item() for n in trained),
+                loaded=max((trained[n] - loaded[n].detach()).abs().max().item() for n in trained),
+                moved=sum((trained[n] - init[n].detach()).abs().sum().item() for n in trained if init[n].requires_grad))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharded_checkpoint_resumes_and_loads_for_fuse(lora, tmp_path):
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_sharded_worker, args=(_free_port(), lora, str(tmp_path / "ckpt"), result), nprocs=2, join=True)
+        r = dict(result)
+    assert r["moved"] > 0, "the optimizer step changed the trained weights"
+    assert r["resumed"] == 0.0 and r["loaded"] == 0.0, r
