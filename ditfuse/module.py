@@ -348,6 +348,10 @@ class DiTFuseModule(pl.LightningModule):
             self.backbone.train(was_training)
         return self.codec.decode(lat).float().clamp(-1, 1)
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.backbone.gradient_checkpointing,
+                       self.hparams["base_dtype"] if self.lora_settings is not None else None)
+
     def on_validation_epoch_start(self) -> None:
         self._val_means.reset(self.device)
 
@@ -453,6 +457,17 @@ class DiTFuseModule(pl.LightningModule):
             buffer.seek(0)
             return cls.load_from_checkpoint(buffer, map_location=map_location, strict=False, **overrides)
         return cls.load_from_checkpoint(str(path), map_location=map_location, strict=False, **overrides)
+
+
+def check_strategy(strategy: Any, gradient_checkpointing: bool, base_dtype: str | None) -> None:
+    """Settings that cannot work with the trainer's strategy, before any step runs."""
+    name = type(strategy).__name__
+    if gradient_checkpointing and getattr(strategy, "_activation_checkpointing_kwargs", None):
+        raise ValueError(f"{name} checkpoints each block already (activation_checkpointing_policy): "
+                         "set model.gradient_checkpointing=false, or drop the strategy's policy")
+    if base_dtype is not None and name == "FSDPStrategy":
+        raise ValueError(f"model.base_dtype={base_dtype} puts bf16/fp16 base weights and fp32 LoRA weights in one "
+                         "FSDP unit, which FSDP1 cannot flatten: set model.base_dtype=null (bf16-mixed computes in bf16)")
 
 
 def _is_sharded(state_dict: dict[str, Any]) -> bool:
