@@ -113,31 +113,39 @@ def val_metric_names(tasks: tuple[str, ...] = TASKS) -> list[str]:
 
 
 class GlobalMeans:
-    """Sums and counts per fixed key, reduced over all ranks once per epoch.
+    """Per-sample values under fixed metric names, merged over all ranks once per epoch.
 
-    Each rank holds the same ordered key list, so the epoch-end all-reduce is one collective on
-    every rank whatever tasks a rank saw; the mean is over all samples of all ranks, so it does
-    not depend on the world size, the batch size or the order. A key no rank saw is not logged.
+    Each value is kept under (name, sample id). The epoch-end merge is one all_gather on every rank
+    whatever tasks a rank saw (no per-key collective that a rank could miss), and merging by sample
+    id drops the copies of batches Lightning's distributed sampler repeats to give every rank as
+    many batches. A mean is then over the distinct samples of the whole validation set: the same
+    for any world size, batch size and order. A name no rank saw is not logged.
     """
 
     def __init__(self, names: list[str]) -> None:
-        self.index = {n: i for i, n in enumerate(names)}
-        self.totals = torch.zeros(2, len(names), dtype=torch.float64)  # sums, counts
+        self.names = list(names)
+        self.values: dict[tuple[str, str], float] = {}
 
-    def reset(self, device: torch.device) -> None:
-        self.totals = torch.zeros_like(self.totals, device=device)
+    def reset(self, device: torch.device | None = None) -> None:
+        self.values = {}
 
-    def add(self, name: str, values: Tensor) -> None:
-        i = self.index[name]
-        self.totals[0, i] += values.detach().double().sum().to(self.totals.device)
-        self.totals[1, i] += values.numel()
+    def add(self, name: str, values: Tensor, ids: list[str]) -> None:
+        if name not in self.names:
+            raise KeyError(f"{name} is not among the validation metrics {self.names}")
+        for sample, v in zip(ids, values.detach().double().flatten().cpu().tolist(), strict=True):
+            self.values[(name, sample)] = v
 
     def reduce(self) -> dict[str, float]:
-        totals = self.totals.clone()
+        parts = [self.values]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
-        sums, counts = totals.tolist()
-        return {n: sums[i] / counts[i] for n, i in self.index.items() if counts[i] > 0}
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self.values)
+        merged = {k: v for part in parts for k, v in part.items()}
+        sums, counts = dict.fromkeys(self.names, 0.0), dict.fromkeys(self.names, 0)
+        for (name, _), v in sorted(merged.items()):  # one summation order on every rank
+            sums[name] += v
+            counts[name] += 1
+        return {n: sums[n] / counts[n] for n in self.names if counts[n]}
 
 
 class DiTFuseModule(pl.LightningModule):
@@ -372,16 +380,18 @@ class DiTFuseModule(pl.LightningModule):
         target = batch["target"].to(out.device)
         score = psnr(out, target)
         acc = self._val_means
-        acc.add("val/loss", loss)
-        acc.add("val/psnr", score)
+        names = [f"{t}/{k}" for t, k in ids]  # a sample's id: its task and key
+        acc.add("val/loss", loss, names)
+        acc.add("val/psnr", score, names)
         for task in sorted(set(tasks)):
-            rows = torch.tensor([i for i, tk in enumerate(tasks) if tk == task])
-            acc.add(f"val/loss/{task}", loss[rows.to(loss.device)])
-            acc.add(f"val/{task}/psnr", score[rows.to(score.device)])
+            rows = [i for i, tk in enumerate(tasks) if tk == task]
+            sub = [names[i] for i in rows]
+            acc.add(f"val/loss/{task}", loss[rows], sub)
+            acc.add(f"val/{task}/psnr", score[rows], sub)
         if "m3" in tasks:
             m3 = [i for i, t in enumerate(tasks) if t == "m3"]
             mean_in = batch["images"][m3].to(out.device).mean(dim=1)  # mean fusion of the two inputs
-            acc.add("val/m3/psnr_mean", psnr(mean_in, target[m3]))
+            acc.add("val/m3/psnr_mean", psnr(mean_in, target[m3]), [names[i] for i in m3])
         return {"output": out}
 
     def on_validation_epoch_end(self) -> None:

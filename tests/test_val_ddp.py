@@ -24,12 +24,16 @@ TASKS = P.TASKS
 REL = 1e-4
 
 
-def test_global_means_skip_unseen_keys_and_weigh_by_samples():
+def test_global_means_skip_unseen_keys_weigh_by_samples_and_drop_repeats():
     means = GlobalMeans(val_metric_names())
-    means.reset(torch.device("cpu"))
-    means.add("val/ivif/psnr", torch.tensor([10.0, 20.0, 30.0]))
-    means.add("val/ivif/psnr", torch.tensor([40.0]))
+    means.reset()
+    means.add("val/ivif/psnr", torch.tensor([10.0, 20.0, 30.0]), ["ivif/a", "ivif/b", "ivif/c"])
+    means.add("val/ivif/psnr", torch.tensor([40.0]), ["ivif/d"])
+    # a batch the distributed sampler repeats (to even out the ranks) counts once
+    means.add("val/ivif/psnr", torch.tensor([10.0, 20.0]), ["ivif/a", "ivif/b"])
     assert means.reduce() == {"val/ivif/psnr": 25.0}  # per sample, not per batch; unseen keys absent
+    with pytest.raises(KeyError, match="val/nope"):
+        means.add("val/nope", torch.tensor([1.0]), ["x"])
 
 
 def test_sample_seed_is_per_key():
@@ -52,7 +56,7 @@ def test_val_values_do_not_depend_on_batch_size_or_order():
     batch = hand_batch(tasks=("m3", "ivif", "m3", "seg"))
 
     def run(batches) -> dict[str, float]:
-        model._val_means.reset(torch.device("cpu"))
+        model._val_means.reset()
         for b in batches:
             model.validation_step(b, 0)
         return model._val_means.reduce()
