@@ -7,6 +7,8 @@ dense float mask built on the host and recomputes the condition tokens at every 
 - takes a `Conditioning` (compact) and builds the boolean mask on the compute device;
 - applies RoPE per batch row (diffusers reads only row 0's position ids, DESIGN.md interop);
 - checkpoints blocks when `gradient_checkpointing` is on;
+- calls each block as a module (`DiTFuseBlock`), so FSDP units and checkpoint wrappers around the
+  blocks run (docs/scaling.md, what is exact under DDP/FSDP);
 - splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
   tokens against the cached K/V): exact, since condition tokens never attend to t-dependent
   tokens (OmniGen's attention rule, see ditfuse.conditioning).
@@ -17,12 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 
 from ditfuse.conditioning import Conditioning
 from ditfuse.config import ModelConfig
@@ -157,8 +160,16 @@ class DiTFuseBlock(OmniGenBlock):
     num_kv_heads: int
     head_dim: int
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,  # type: ignore[override]
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """`Backbone._run_blocks` calls block(h, cos, sin, mask, past); diffusers' own transformer
+        forward calls block(hidden_states, attention_mask, image_rotary_emb) and still gets
+        diffusers' block, so a transformer stays usable on its own after `Backbone` adopted it."""
+        if len(args) == 4 and not kwargs:
+            return self.ditfuse_forward(h, *args)
+        return super().forward(h, *args, **kwargs)
+
+    def ditfuse_forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                        past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         B, Lq, _ = h.shape
         attn = self.self_attn
         x = self.input_layernorm(h)
