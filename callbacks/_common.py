@@ -65,3 +65,17 @@ def log_means(pl_module: pl.LightningModule, means: dict[str, MeanMetric]) -> No
     for (name, mean), any_rank in zip(means.items(), seen.tolist()):
         if any_rank:
             pl_module.log(name, mean.compute(), sync_dist=False)
+
+
+def first_keys(local: dict[str, list[str]], n: int) -> dict[str, set[str]]:
+    """task -> the `n` smallest sample keys over all ranks, given each rank's candidates.
+
+    Choosing validation samples by key (not by rank or batch position) picks the same samples for
+    any world size and batch size. Every rank must call this (one all_gather of the keys).
+    """
+    parts = [local]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+    tasks = sorted({t for part in parts for t in part})
+    return {t: set(sorted({k for part in parts for k in part.get(t, [])})[:n]) for t in tasks}

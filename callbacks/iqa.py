@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from callbacks._common import check_every, is_due, log_means, sampled_outputs, task_indices
+from callbacks._common import check_every, first_keys, is_due, log_means, sampled_outputs, task_indices
 
 TASKS = ("ivif", "mff", "mef", "m3", "seg", "control")
 
 
 class IQAMetrics(pl.Callback):
-    """Log `val/<task>/<metric>` for CLIPIQA/MANIQA on at most `max_images` outputs per epoch (per rank).
+    """Log `val/<task>/<metric>` for CLIPIQA/MANIQA on the `max_images` outputs per task with the
+    smallest sample keys over all ranks (the same images whatever the world size and batch size;
+    each rank scores those it sampled, the means are reduced over ranks).
 
     Weights come only from local files: `weights_dir` (laid out like pyiqa's torch-hub cache) or
     explicit `files`. They are resolved in `setup()`, before any training step: a missing file
@@ -34,7 +37,7 @@ class IQAMetrics(pl.Callback):
         self.max_images, self.maniqa_crops = max_images, maniqa_crops
         self._scorers: dict[str, Any] = {}
         self._means: dict[str, MeanMetric] = {}
-        self._scored = 0
+        self._kept: dict[str, dict[str, Tensor]] = {}  # task -> key -> output (this rank's first keys)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._scorers:
@@ -47,26 +50,36 @@ class IQAMetrics(pl.Callback):
         self._means = {f"val/{t}/{n}": MeanMetric() for t in TASKS for n in self._scorers}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._scored = 0
+        self._kept = {}
         for m in self._means.values():
             m.to(pl_module.device).reset()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._scorers or not is_due(trainer, self.every_n_epochs) or self._scored >= self.max_images:
+        """Keep this rank's `max_images` smallest-key outputs per task (scored at epoch end)."""
+        if not self._scorers or not is_due(trainer, self.every_n_epochs):
             return
-        out = (sampled_outputs(pl_module, batch, outputs).float().clamp(-1, 1) + 1) / 2
+        out = sampled_outputs(pl_module, batch, outputs)
         for task, rows in task_indices(batch).items():
-            rows = rows[: self.max_images - self._scored].to(out.device)
-            if len(rows) == 0:
-                break
-            for name, scorer in self._scorers.items():
-                self._means[f"val/{task}/{name}"].update(_as_tensor(scorer(out[rows])))
-            self._scored += len(rows)
+            kept = self._kept.setdefault(task, {})
+            for i in rows.tolist():
+                kept[str(batch["key"][i])] = out[i].detach()
+            for key in sorted(kept)[self.max_images:]:
+                del kept[key]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._scorers or not is_due(trainer, self.every_n_epochs):
             return
+        # the same images for any world size / batch size: the first max_images keys of each task
+        chosen = first_keys({t: list(kept) for t, kept in self._kept.items()}, self.max_images)
+        for task, kept in self._kept.items():
+            keys = [k for k in sorted(kept) if k in chosen[task]]
+            if not keys:
+                continue
+            images = (torch.stack([kept[k] for k in keys]).float().clamp(-1, 1) + 1) / 2
+            for name, scorer in self._scorers.items():
+                self._means[f"val/{task}/{name}"].update(_as_tensor(scorer(images)))
+        self._kept = {}
         log_means(pl_module, self._means)
 
 

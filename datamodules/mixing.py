@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from datamodules.buckets import Bucket, choose_bucket, sample_hw
+from datamodules.buckets import Bucket, NoBucketError, choose_bucket, sample_hw
 from datamodules.io import ImageReadError
 from datamodules.m3 import seed_for
 from datamodules.pipelines import PipelineConfig, collate, process
@@ -318,16 +318,24 @@ class ValidationSet(Dataset):
         for kind, (shards, select) in sources.items():
             for task, samples in read_validation(kind, shards, per_task, select).items():
                 by_task[task] += [{**s, "__kind__": kind} for s in samples]
-        self.task_counts = {t: len(v) for t, v in by_task.items() if v}
         per_task_batches = {t: self._batches(v, batch_size) for t, v in by_task.items()}
+        self.task_counts = {t: n for t, bs in per_task_batches.items() if (n := sum(map(len, bs)))}
         rounds = max((len(b) for b in per_task_batches.values()), default=0)
         self.batches = [per_task_batches[t][r] for r in range(rounds) for t in TASKS if r < len(per_task_batches[t])]
 
     def _batches(self, samples: list[dict], batch_size: int) -> list[list[tuple[dict, Bucket | None]]]:
         groups: dict[int, list[dict]] = {}
+        too_small: list[str] = []
         for s in samples:
-            b = choose_bucket(*sample_hw(s), self.buckets, self.cfg.max_upscale) if self.buckets else 0
+            try:
+                b = choose_bucket(*sample_hw(s), self.buckets, self.cfg.max_upscale) if self.buckets else 0
+            except NoBucketError as e:  # one small image must not stop the run: drop it, say so
+                too_small.append(f"{s['__key__']}: {e}")
+                continue
             groups.setdefault(b, []).append(s)
+        if too_small:
+            warnings.warn(f"validation: skipped {len(too_small)} sample(s) no bucket fits, e.g. {too_small[0]}",
+                          BadSampleWarning, stacklevel=2)
         out = []
         for b, group in sorted(groups.items()):
             size = self.buckets[b] if self.buckets else None

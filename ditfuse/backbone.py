@@ -8,6 +8,8 @@ dense float mask built on the host and recomputes the condition tokens at every 
 - applies RoPE per batch row, positions and short/long factors alike (diffusers reads only row
   0's position ids and picks one factor set per batch; DESIGN.md interop);
 - checkpoints blocks when `gradient_checkpointing` is on;
+- calls each block as a module (`DiTFuseBlock`), so FSDP units and checkpoint wrappers around the
+  blocks run (docs/scaling.md, what is exact under DDP/FSDP);
 - splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
   tokens against the cached K/V): exact, since condition tokens never attend to t-dependent
   tokens (OmniGen's attention rule, see ditfuse.conditioning).
@@ -18,9 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -149,6 +153,58 @@ class KVCache:
     mask: Tensor  # (B, 1, 1+N, L) bool
 
 
+class DiTFuseBlock(OmniGenBlock):
+    """An OmniGenBlock whose forward is this framework's block computation (boolean mask, per-row
+    RoPE, KV-cache tail writes, returns the block's K/V).
+
+    `Backbone` swaps the class of each diffusers block to this subclass in place: parameters, names
+    and state-dict keys stay the same, and isinstance-based wrap policies (FSDP's ModuleWrapPolicy,
+    Lightning's `auto_wrap_policy` / `activation_checkpointing_policy` naming OmniGenBlock) still
+    match every block.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def forward(self, h: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """`Backbone._run_blocks` calls block(h, cos, sin, mask, past); diffusers' own transformer
+        forward calls block(hidden_states, attention_mask, image_rotary_emb) and still gets
+        diffusers' block, so a transformer stays usable on its own after `Backbone` adopted it."""
+        if len(args) == 4 and not kwargs:
+            return self.ditfuse_forward(h, *args)
+        return super().forward(h, *args, **kwargs)
+
+    def ditfuse_forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                        past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        B, Lq, _ = h.shape
+        attn = self.self_attn
+        x = self.input_layernorm(h)
+        q = attn.to_q(x).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
+        k = attn.to_k(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lq, hd)
+        v = attn.to_v(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = (k, v) if past is None else past
+        if past is not None:  # KVCache buffers: conditions, then this step's tokens
+            k_all[:, :, -Lq:], v_all[:, :, -Lq:] = k, v
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
+        h = h + o
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k, v
+
+
+def as_ditfuse_blocks(transformer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Give every block of `transformer.layers` the DiTFuseBlock forward (in place, idempotent)."""
+    for block in transformer.layers:
+        if not isinstance(block, OmniGenBlock):
+            raise TypeError(f"transformer.layers holds a {type(block).__name__}, not an OmniGenBlock: "
+                            "wrap the model for FSDP/checkpointing after building DiTFuseModule")
+        block.__class__ = DiTFuseBlock
+        block.num_heads, block.num_kv_heads, block.head_dim = num_heads, num_kv_heads, head_dim
+
+
 class Backbone(nn.Module):
     """Wraps an OmniGenTransformer2DModel; see module docstring."""
 
@@ -161,6 +217,7 @@ class Backbone(nn.Module):
         self.head_dim = int(c.hidden_size) // self.num_heads
         self.patch_size = int(c.patch_size)
         self.gradient_checkpointing = gradient_checkpointing
+        as_ditfuse_blocks(transformer, self.num_heads, self.num_kv_heads, self.head_dim)
 
     # -- embeddings ----------------------------------------------------------------------------
     def embed_conditions(self, cond: Conditioning, cond_latents: Tensor | None) -> Tensor:
@@ -188,35 +245,19 @@ class Backbone(nn.Module):
         proj = tr.time_proj(t).to(dtype)  # (B, 256)
         return tr.time_token(proj).unsqueeze(1), tr.t_embedder(proj)
 
-    # -- one block -----------------------------------------------------------------------------
-    def _block(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-               past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        B, Lq, _ = h.shape
-        attn = block.self_attn
-        x = block.input_layernorm(h)
-        q = attn.to_q(x).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
-        k = attn.to_k(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lq, hd)
-        v = attn.to_v(x).view(B, Lq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = (k, v) if past is None else past
-        if past is not None:  # KVCache buffers: conditions, then this step's tokens
-            k_all[:, :, -Lq:], v_all[:, :, -Lq:] = k, v
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
-        o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
-        h = h + o
-        h = h + block.mlp(block.post_attention_layernorm(h))
-        return h, k, v
-
+    # -- blocks --------------------------------------------------------------------------------
     def _run_blocks(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                     cache: KVCache | None = None, collect: bool = False):
         keys, values = [], []
+        # Each block is called as a module (`block(...)`), never through its submodules, so
+        # whatever wraps it (an FSDP unit gathering its shards, fully_shard's hooks, Lightning's
+        # activation-checkpoint wrapper) runs around the block computation.
         for i, block in enumerate(self.transformer.layers):
             past = None if cache is None else (cache.keys[i], cache.values[i])
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h, k, v = checkpoint(self._block, block, h, cos, sin, mask, past, use_reentrant=False)
+                h, k, v = checkpoint(block, h, cos, sin, mask, past, use_reentrant=False)
             else:
-                h, k, v = self._block(block, h, cos, sin, mask, past)
+                h, k, v = block(h, cos, sin, mask, past)
             if collect:
                 keys.append(k)
                 values.append(v)

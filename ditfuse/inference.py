@@ -99,9 +99,9 @@ def apply_ema(module, checkpoint: dict) -> int:
 def _module_from_checkpoint(path: str, model: str | None, preset: str | None, vae: str | None,
                             tokenizer: str | None, use_ema: bool, warn: Callable[[str], None]):
     from ditfuse.lora import has_lora, merge_and_unload
-    from ditfuse.module import DiTFuseModule
+    from ditfuse.module import DiTFuseModule, load_checkpoint_dict
 
-    if not Path(path).is_file():
+    if not Path(path).exists():  # a .ckpt file, or the folder of a sharded FSDP checkpoint
         raise FuseError(f"checkpoint {path} does not exist")
     given = {"pretrained": model, "preset": preset, "vae_path": vae, "tokenizer": tokenizer}
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -112,7 +112,7 @@ def _module_from_checkpoint(path: str, model: str | None, preset: str | None, va
     except FileNotFoundError as e:
         raise FuseError(f"{e} (the checkpoint's base model path is not here: pass --model DIR)") from None
     if use_ema:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_dict(path)
         n = apply_ema(module, ckpt)
         if n:
             print(f"using the EMA weights of {path} ({n} tensors; --no-ema for the raw ones)")

@@ -13,6 +13,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from ditfuse.codec import build_codec
 from ditfuse.conditioning import DROP_ALL_PROMPT, image_only_prompt
 from ditfuse.config import ModelConfig
 from ditfuse.lora import LoraSettings, add_lora, count_parameters, save_adapter
+from ditfuse.prompts import TASKS
 from ditfuse.sampler import SamplerSettings, sample_latents
 from ditfuse.tokenizer import load_tokenizer
 
@@ -97,6 +100,55 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+def sample_seed(base: int, *parts: str) -> int:
+    """A stable 63-bit seed from a base seed and strings (a validation sample's task and key): a
+    sample draws the same noise whichever rank, batch or position it lands in."""
+    digest = hashlib.blake2b("/".join((str(base), *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def val_metric_names(tasks: tuple[str, ...] = TASKS) -> list[str]:
+    """Every key validation may log, in one fixed order (the same list on every rank)."""
+    return (["val/loss", "val/psnr"] + [f"val/loss/{t}" for t in tasks] + [f"val/{t}/psnr" for t in tasks]
+            + ["val/m3/psnr_mean"])
+
+
+class GlobalMeans:
+    """Per-sample values under fixed metric names, merged over all ranks once per epoch.
+
+    Each value is kept under (name, sample id). The epoch-end merge is one all_gather on every rank
+    whatever tasks a rank saw (no per-key collective that a rank could miss), and merging by sample
+    id drops the copies of batches Lightning's distributed sampler repeats to give every rank as
+    many batches. A mean is then over the distinct samples of the whole validation set: the same
+    for any world size, batch size and order. A name no rank saw is not logged.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.values: dict[tuple[str, str], float] = {}
+
+    def reset(self, device: torch.device | None = None) -> None:
+        self.values = {}
+
+    def add(self, name: str, values: Tensor, ids: list[str]) -> None:
+        if name not in self.names:
+            raise KeyError(f"{name} is not among the validation metrics {self.names}")
+        for sample, v in zip(ids, values.detach().double().flatten().cpu().tolist(), strict=True):
+            self.values[(name, sample)] = v
+
+    def reduce(self) -> dict[str, float]:
+        parts = [self.values]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self.values)
+        merged = {k: v for part in parts for k, v in part.items()}
+        sums, counts = dict.fromkeys(self.names, 0.0), dict.fromkeys(self.names, 0)
+        for (name, _), v in sorted(merged.items()):  # one summation order on every rank
+            sums[name] += v
+            counts[name] += 1
+        return {n: sums[n] / counts[n] for n in self.names if counts[n]}
+
+
 class DiTFuseModule(pl.LightningModule):
     """OmniGen DiT + optional LoRA, flow matching, dual-CFG sampling.
 
@@ -149,7 +201,11 @@ class DiTFuseModule(pl.LightningModule):
         if self.lora_settings is not None:
             if base_dtype is not None:
                 transformer = transformer.to({"bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype])
-            add_lora(transformer, self.lora_settings)
+            # peft draws lora_A from torch's global generator: seed it, so every rank builds the same
+            # adapter (FSDP does not broadcast rank 0's weights; DDP does, but only at wrap time)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                add_lora(transformer, self.lora_settings)
         elif base_dtype is not None:
             raise ValueError("model.base_dtype only applies to LoRA runs (set model.lora or drop base_dtype)")
         self.backbone = Backbone(transformer, gradient_checkpointing=gradient_checkpointing)
@@ -168,6 +224,7 @@ class DiTFuseModule(pl.LightningModule):
                              f"{transformer.config.vocab_size}: model.tokenizer does not match the model")
         # partial (trainable-only) checkpoints load with strict=False; on_load_checkpoint checks them
         self.strict_loading = False
+        self._val_means = GlobalMeans(val_metric_names())
 
     # -----------------------------------------------------------------------------------------
     # Shapes and encoding
@@ -201,8 +258,11 @@ class DiTFuseModule(pl.LightningModule):
         return out, counts
 
     def flow_loss(self, batch: dict[str, Any], dropout: bool = True,
-                  generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample flow-matching loss (B,) for a batch."""
+                  generator: torch.Generator | None = None, seeds: list[int] | None = None) -> Tensor:
+        """Per-sample flow-matching loss (B,) for a batch.
+
+        t and x0 come from torch's global generator, from `generator`, or with `seeds` (one per
+        row) from a generator per row, so a row's loss does not depend on its batch (validation)."""
         from ditfuse.conditioning import build_conditioning
 
         images, target = batch["images"], batch["target"]
@@ -219,11 +279,24 @@ class DiTFuseModule(pl.LightningModule):
         cond = build_conditioning(self.tokenizer, prompts, counts, tokens_per_image=n, num_output_tokens=N,
                                   device=self.device)
         # 3. Flow matching: x_t = t x1 + (1 - t) x0, target x1 - x0
-        fs = self.flow_settings
-        t = F.sample_t(B, fs.t_sampler, mean=fs.t_mean, std=fs.t_std, shift=fs.t_shift, generator=generator).to(self.device)
-        x0 = torch.randn(x1.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x1)
+        t, x0 = self._draw_t_x0(x1, generator, seeds)
         v = self.backbone(F.interpolate(x0, x1, t), t, cond, cond_lat)
         return F.per_sample_mse(v, F.velocity_target(x0, x1))
+
+    def _draw_t_x0(self, x1: Tensor, generator: torch.Generator | None,
+                   seeds: list[int] | None) -> tuple[Tensor, Tensor]:
+        fs = self.flow_settings
+        kw = dict(kind=fs.t_sampler, mean=fs.t_mean, std=fs.t_std, shift=fs.t_shift)
+        if seeds is not None:
+            if len(seeds) != x1.shape[0]:
+                raise ValueError(f"{len(seeds)} seeds for a batch of {x1.shape[0]}")
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            t = torch.cat([F.sample_t(1, generator=g, **kw) for g in gens])
+            x0 = torch.stack([torch.randn(x1.shape[1:], generator=g) for g in gens])
+            return t.to(self.device), x0.to(self.device, x1.dtype)
+        t = F.sample_t(x1.shape[0], generator=generator, **kw).to(self.device)
+        x0 = torch.randn(x1.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x1)
+        return t, x0
 
     def _log_per_task(self, prefix: str, values: Tensor, tasks: list[str], **kw) -> None:
         for task in sorted(set(tasks)):
@@ -281,21 +354,48 @@ class DiTFuseModule(pl.LightningModule):
             self.backbone.train(was_training)
         return self.codec.decode(lat).float().clamp(-1, 1)
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.backbone.gradient_checkpointing,
+                       self.hparams["base_dtype"] if self.lora_settings is not None else None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_means.reset(self.device)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate per-sample values under fixed keys; `on_validation_epoch_end` logs the means.
+
+        Noise (loss t/x0 and the sampler's initial noise) is seeded per sample from
+        (val_sampler.seed, task, key): the values do not depend on the rank or batch a sample is in.
+        """
         tasks = list(batch["task"])
-        B = len(tasks)
-        g = torch.Generator().manual_seed(1234 + batch_idx)  # same noise every validation
-        loss = self.flow_loss(batch, dropout=False, generator=g)
-        self.log("val/loss", loss.mean(), batch_size=B, sync_dist=True)
-        out = self.sample(batch)
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"validation batch has unknown tasks {unknown}; known: {', '.join(TASKS)}")
+        ids = [(t, str(k)) for t, k in zip(tasks, batch["key"])]
+        base = self.val_sampler.seed
+        loss = self.flow_loss(batch, dropout=False, seeds=[sample_seed(base, "loss", *i) for i in ids])
+        out = self.sample(batch, seed=[sample_seed(base, "sample", *i) for i in ids])
         target = batch["target"].to(out.device)
-        self._log_per_task("val", psnr(out, target), [f"{t}/psnr" for t in tasks], sync_dist=True)
-        self.log("val/psnr", psnr(out, target).mean(), batch_size=B, sync_dist=True)
-        m3 = [i for i, t in enumerate(tasks) if t == "m3"]
-        if m3:
+        score = psnr(out, target)
+        acc = self._val_means
+        names = [f"{t}/{k}" for t, k in ids]  # a sample's id: its task and key
+        acc.add("val/loss", loss, names)
+        acc.add("val/psnr", score, names)
+        for task in sorted(set(tasks)):
+            rows = [i for i, tk in enumerate(tasks) if tk == task]
+            sub = [names[i] for i in rows]
+            acc.add(f"val/loss/{task}", loss[rows], sub)
+            acc.add(f"val/{task}/psnr", score[rows], sub)
+        if "m3" in tasks:
+            m3 = [i for i, t in enumerate(tasks) if t == "m3"]
             mean_in = batch["images"][m3].to(out.device).mean(dim=1)  # mean fusion of the two inputs
-            self.log("val/m3/psnr_mean", psnr(mean_in, target[m3]).mean(), batch_size=len(m3), sync_dist=True)
+            acc.add("val/m3/psnr_mean", psnr(mean_in, target[m3]), [names[i] for i in m3])
         return {"output": out}
+
+    def on_validation_epoch_end(self) -> None:
+        # already global means, the same on every rank: no further sync
+        for name, value in self._val_means.reduce().items():
+            self.log(name, value, sync_dist=False)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
@@ -327,12 +427,18 @@ class DiTFuseModule(pl.LightningModule):
         return {k for k in self.state_dict() if k.startswith("backbone.")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._checkpoint_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if not _is_sharded(checkpoint["state_dict"]):
+            keep = self._checkpoint_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # else: a sharded (FSDP / ModelParallel) checkpoint keeps every key: Lightning resumes it by
+        # loading the whole module's state dict from the shards, which fails on any absent key, and
+        # each rank writes only its shard, so the frozen base costs disk, not a gather
         checkpoint["ditfuse"] = {"trainable_only": self.lora_settings is not None,
                                  "lora": None if self.lora_settings is None else asdict(self.lora_settings)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # sharded: the strategy loaded the weights from the shards
+            return
         missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensors this model trains (e.g. {missing[:3]}); "
@@ -351,5 +457,44 @@ class DiTFuseModule(pl.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
                         ) -> "DiTFuseModule":
         """Rebuild the model from its saved hyper-parameters (+ `overrides`, e.g. pretrained=...) and
-        load the checkpoint's tensors on top (trainable-only for LoRA runs)."""
+        load the checkpoint's tensors on top (trainable-only for LoRA runs). `path` is a checkpoint
+        file or the folder of a sharded FSDP checkpoint (consolidated in memory)."""
+        if Path(path).is_dir():
+            buffer = io.BytesIO()
+            torch.save(load_checkpoint_dict(path), buffer)
+            buffer.seek(0)
+            return cls.load_from_checkpoint(buffer, map_location=map_location, strict=False, **overrides)
         return cls.load_from_checkpoint(str(path), map_location=map_location, strict=False, **overrides)
+
+
+def check_strategy(strategy: Any, gradient_checkpointing: bool, base_dtype: str | None) -> None:
+    """Settings that cannot work with the trainer's strategy, before any step runs."""
+    name = type(strategy).__name__
+    if gradient_checkpointing and getattr(strategy, "_activation_checkpointing_kwargs", None):
+        raise ValueError(f"{name} checkpoints each block already (activation_checkpointing_policy): "
+                         "set model.gradient_checkpointing=false, or drop the strategy's policy")
+    if base_dtype is not None and name == "FSDPStrategy":
+        raise ValueError(f"model.base_dtype={base_dtype} puts bf16/fp16 base weights and fp32 LoRA weights in one "
+                         "FSDP unit, which FSDP1 cannot flatten: set model.base_dtype=null (bf16-mixed computes in bf16)")
+
+
+def _is_sharded(state_dict: dict[str, Any]) -> bool:
+    """True for FSDP's sharded state dicts (ShardedTensor / DTensor values)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) or type(v).__name__ == "ShardedTensor" for v in state_dict.values())
+
+
+def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict on the CPU: a .ckpt file, or the folder a sharded FSDP
+    strategy wrote (state_dict_type: sharded), consolidated with Lightning's own converter."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not (path / "meta.pt").is_file():
+        raise FileNotFoundError(f"checkpoint {path} is neither a checkpoint file nor a sharded checkpoint folder "
+                                "(with meta.pt); pass the .ckpt file or the folder Lightning's FSDP strategy wrote")
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+    return _format_checkpoint(_load_distributed_checkpoint(path))

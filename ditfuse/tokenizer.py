@@ -45,7 +45,9 @@ def _phrases() -> tuple[str, ...]:
     for pool in list(P.INSTRUCTIONS.values()) + list(P.CONTROL_INSTRUCTIONS.values()):
         for text in pool:
             out.update(part.strip(" ") for part in text.split("{cls}"))
-    return tuple(sorted((p for p in out if len(p.split()) > 1), key=len, reverse=True))
+    # longest first (the regex tries them in order); ties by text: a set's order depends on the
+    # process's hash seed, and every DDP rank and every later process must get the same ids
+    return tuple(sorted((p for p in out if len(p.split()) > 1), key=lambda p: (-len(p), p)))
 
 
 PHRASES = _phrases()

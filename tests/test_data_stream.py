@@ -19,6 +19,7 @@ from test_data_mixing import SIZE, make_shards
 from datamodules import DiTFuseDataModule
 from datamodules.buckets import NoBucketError, choose_bucket, make_buckets
 from datamodules.io import encode_png
+from datamodules.mixing import BadSampleWarning
 from datamodules.pipelines import MissingTargetError, PipelineConfig, process
 from datamodules.streams import SourceStream
 from datamodules.writers import json_bytes, write_fusion, write_samples
@@ -174,6 +175,15 @@ def test_one_bucket_per_batch_and_ratios_hold_per_batch(tmp_path):
     assert [b["kind"] for b in bucketed] == [b["kind"] for b in run()]
     wide = [m for b in bucketed for m, k in zip(b["meta"], b["kind"]) if k == "m3" and b["images"].shape[-1] == 32]
     assert wide  # wide m3 images (16x32) trained at their own aspect
+
+
+def test_validation_drops_images_no_bucket_fits_and_says_so(tmp_path):
+    pattern = _m3_shards(tmp_path, 1, 4, hw=[(32, 32), (8, 8)])  # 8 px needs 4x for the 32 px bucket
+    with pytest.warns(BadSampleWarning, match="skipped 2 sample"):
+        dm = _dm(pattern, buckets=[[32, 32]], bucket_multiple=16, max_upscale=2.0, val_shards={"m3": pattern},
+                 val_batch_size=4)
+    assert dm.val_set.task_counts == {"m3": 2}
+    assert [b["images"].shape[-2:] for b in dm.val_dataloader()] == [(32, 32)]
 
 
 def test_square_image_size_still_crops_without_resizing(tmp_path):

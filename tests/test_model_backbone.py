@@ -113,3 +113,23 @@ def test_preset_checks_name_the_setting():
         ModelConfig.from_name("huge")
     big = ModelConfig.from_name("omnigen-v1")
     assert big.pixels_per_token == 16 and big.in_channels == 4
+
+
+def test_blocks_are_called_as_modules_and_diffusers_forward_still_works(tiny):
+    """FSDP units / checkpoint wrappers sit around the blocks: our forward must call them, and the
+    adopted transformer keeps diffusers' own forward."""
+    from ditfuse.backbone import DiTFuseBlock
+
+    cfg, tr = tiny
+    bb = Backbone(tr)
+    assert all(isinstance(b, DiTFuseBlock) for b in tr.layers)
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, a, o: calls.append(m)) for b in tr.layers]
+    cond = build_conditioning(BuiltinTokenizer(), [P.default_prompt("mef")], [2], 16, 16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bb(torch.randn(1, 12, 8, 8, generator=g), torch.rand(1, generator=g), cond, torch.randn(1, 2, 12, 8, 8))
+    for h in hooks:
+        h.remove()
+    assert calls == list(tr.layers)
+    test_forward_matches_diffusers(tiny)  # diffusers' forward through the adopted blocks, still equal
