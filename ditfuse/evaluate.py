@@ -2,7 +2,7 @@
 
 Images are matched by file stem across the folders and read as OpenCV reads them
 (`cv2.imread(IMREAD_COLOR)`, BGR; RoadScene's JPEGs then decode as in published tables), then
-scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (../shared/docs/METRICS.md), image 1
+scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (docs/METRICS.md), image 1
 as source A and image 2 as source B. Output: one row per image, a mean row (NaN propagates, as
 in the evaluator's sums), optional baseline rows (pixelwise mean / max fusion of the same gray
 pairs: on infrared-visible sets max fusion out-scores published methods on MI, VIF and Qabf),
@@ -257,7 +257,7 @@ def to_csv(report: Report) -> str:
 
 def to_markdown(report: Report, args: argparse.Namespace) -> str:
     fmt = lambda v: "nan" if math.isnan(v) else f"{v:.4f}"  # noqa: E731
-    lines = [f"Convention: {fm.CONVENTION} (METRICS.md); {report.n_pairs} pairs; "
+    lines = [f"Convention: {fm.CONVENTION} (docs/METRICS.md); {report.n_pairs} pairs; "
              + ", ".join(f"{k}={v}" for k, v in _folders(args).items()), ""]
     lines += ["| image | " + " | ".join(report.columns) + " |", "|---|" + "---:|" * len(report.columns)]
     for label, row in _summary_rows(report):
