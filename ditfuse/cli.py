@@ -65,6 +65,12 @@ def _dispatch(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 2
+        except SystemExit as exc:
+            # Lightning ends a SIGTERM'd fit with SIGTERMException, a SystemExit without a code
+            # (status 0): a stopped run must not look finished to a scheduler or a script
+            if type(exc).__name__ == "SIGTERMException":
+                return 128 + 15
+            raise
         return 0
     if cmd in TOOLS:
         module, func, _ = TOOLS[cmd]
