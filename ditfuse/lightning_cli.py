@@ -89,7 +89,8 @@ def suggest_key(bad: str, known: list[str]) -> str | None:
         head, rest = ".".join(parts[:n]), parts[n:]
         if n > 1 and head in known:
             return None  # the prefix is valid: the problem is deeper, nothing to guess
-        close = difflib.get_close_matches(head, known, n=1, cutoff=0.75)
+        same_depth = [k for k in known if k.count(".") == n - 1]  # data.ratio -> data.ratios, not deeper
+        close = difflib.get_close_matches(head, same_depth, n=1, cutoff=0.75)
         if close:
             return ".".join([close[0], *rest])
     return None
@@ -99,6 +100,7 @@ def one_line_error(message: str, known: list[str]) -> str:
     text = " ".join(str(message).split())
     unknown = re.findall(r"--([\w.\-]+)", text) if "nrecognized" in text else []
     unknown += re.findall(r'[Kk]ey "([\w.\-]+)" is not expected', text)
+    unknown += re.findall(r"does not accept option '([\w.\-]+)'", text)  # a key in a --config file
     hints = [f"--{s}" for s in (suggest_key(k, known) for k in unknown) if s]
     if hints:
         text += f" (did you mean {', '.join(dict.fromkeys(hints))}?)"
