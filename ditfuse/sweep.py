@@ -292,8 +292,8 @@ def compose_point(compose: Composer, updates: dict[str, Any], added: dict[str, s
     try:
         cfg = compose([o for o in overrides.values() if o])
     except SweepError as e:
-        hints = "".join(added.values())
-        raise SweepError(f"{e}{hints}" if hints else str(e)) from None
+        hints = "" if "did you mean" in str(e).lower() else "".join(added.values())
+        raise SweepError(f"{e}{hints}") from None
     for path, value in updates.items():
         if overrides[path] is None:
             OmegaConf.update(cfg, path, value, merge=False, force_add=True)
