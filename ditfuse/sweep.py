@@ -284,7 +284,9 @@ def cli_override(path: str, value: Any) -> str | None:
     which fit's command line cannot address."""
     if any(part.isdigit() for part in path.split(".")):
         return None
-    return f"--{path}={json.dumps(value)}"  # JSON is YAML: jsonargparse reads it back typed
+    # a string as is (jsonargparse keeps a str-typed value verbatim: JSON quotes would stay in
+    # the value); anything else as JSON, which is YAML, so jsonargparse reads it back typed
+    return f"--{path}={value if isinstance(value, str) else json.dumps(value)}"
 
 
 def compose_point(compose: Composer, updates: dict[str, Any], added: dict[str, str]) -> DictConfig:

@@ -105,6 +105,16 @@ def test_sweep_unknown_key_fails_before_writing(base, tmp_path):
     assert rc == 2 and "'trainer.max_step'" in err and not out.exists()
 
 
+def test_sweep_string_values_arrive_verbatim(base, tmp_path):
+    out = tmp_path / "sw"
+    rc, err = _run(["--config", str(base), "--grid", f"data.demo_dir={tmp_path / 'd1'},{tmp_path / 'd2'}",
+                    "--grid", "data.m3_block_sizes=[8, 16]", "--out", str(out)])
+    assert rc == 0, err
+    cfgs = [yaml.safe_load(c.read_text())["data"] for c in sorted((out / "points").glob("*.yaml"))]
+    assert [c["demo_dir"] for c in cfgs] == [str(tmp_path / "d1"), str(tmp_path / "d2")]  # no quotes kept
+    assert all(c["m3_block_sizes"] == [8, 16] for c in cfgs)
+
+
 def test_sweep_may_add_a_kind_to_a_mapping_argument(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("data:\n  ratios: {m3: 1.0}\n")
