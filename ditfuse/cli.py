@@ -1,50 +1,96 @@
 """`ditfuse` entry point.
 
-`fit|validate|test|predict` go to LightningCLI (`ditfuse.lightning_cli`); the other subcommands
+`fit|validate|predict` go to LightningCLI (`ditfuse.lightning_cli`); the other subcommands
 are plain argparse tools, each imported only when asked for so `ditfuse shards ...` does not pay
-for importing the model stack.
+for importing the model stack. This module itself imports nothing heavy (no torch, no Lightning).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function taking argv list, one-line help)
 TOOLS: dict[str, tuple[str, str, str]] = {
     "shards": ("datamodules.cli", "main", "write, build (demo) and inspect WebDataset shards"),
     "fuse": ("ditfuse.inference", "main", "fuse image pairs with a trained model"),
-    "eval": ("ditfuse.evaluate", "main", "fusion metric table over image1/image2/fused folders"),
+    "eval": ("ditfuse.evaluate", "main", "fusion metric table (and plot) over image1/image2/fused folders"),
     "convert": ("ditfuse.convert", "main", "convert OmniGen / DiTFuse weights between layouts"),
     "sweep": ("ditfuse.sweep", "main", "expand a data-mix grid into configs and a SLURM array"),
 }
-LIGHTNING = ("fit", "validate", "test", "predict")
+LIGHTNING = {
+    "fit": "train (--config CFG [--section.key=value ...], --ckpt_path last resumes)",
+    "validate": "validation metrics of a checkpoint on data.val_shards (--ckpt_path CKPT)",
+    "predict": "fuse a folder of pairs on every GPU of the trainer (configs/predict.yaml)",
+}
+# Lightning's `test` needs a test_step the module does not have; validate is the metrics run
+NOT_COMMANDS = {"test": "use `ditfuse validate --config CFG --ckpt_path CKPT` (validation metrics on "
+                        "data.val_shards; point them at your test shards)"}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ditfuse")
+    except PackageNotFoundError:
+        from ditfuse import __version__
+
+        return __version__
 
 
 def _usage() -> str:
-    lines = ["usage: ditfuse <command> [options]", "", "commands:"]
-    lines += [f"  {c:<9} LightningCLI {c} (--config CFG [--section.key=value ...])" for c in LIGHTNING]
+    lines = ["usage: ditfuse <command> [options]", "       ditfuse --version", "", "commands:"]
+    lines += [f"  {c:<9} {h}" for c, h in LIGHTNING.items()]
     lines += [f"  {c:<9} {h}" for c, (_, _, h) in TOOLS.items()]
     lines += ["", "`ditfuse <command> --help` documents each command."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"ditfuse {version()}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING:
-        from ditfuse.lightning_cli import run_lightning_cli
+        from ditfuse.lightning_cli import ConfigError, run_lightning_cli
 
-        run_lightning_cli([cmd, *rest])
+        try:
+            run_lightning_cli([cmd, *rest])
+        except ConfigError as exc:
+            print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
+            return 2
+        except SystemExit as exc:
+            # Lightning ends a SIGTERM'd fit with SIGTERMException, a SystemExit without a code
+            # (status 0): a stopped run must not look finished to a scheduler or a script
+            if type(exc).__name__ == "SIGTERMException":
+                return 128 + 15
+            raise
         return 0
     if cmd in TOOLS:
         module, func, _ = TOOLS[cmd]
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    print(f"ditfuse: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+    hint = NOT_COMMANDS.get(cmd, "")
+    print(f"ditfuse: unknown command {cmd!r}{'; ' + hint if hint else ''}\n\n{_usage()}", file=sys.stderr)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handler, not at exit
+        return rc
+    except BrokenPipeError:
+        # `ditfuse -h | head`: the reader left; say nothing more (Python docs' recipe: point
+        # stdout at devnull so the interpreter's final flush does not raise again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class ModelConfig:
     vocab_size: int
     pad_token_id: int
     in_channels: int
-    patch_size: int = 2  # fixed by the OmniGen class (DESIGN.md interop facts)
+    patch_size: int = 2  # fixed by the OmniGen class (docs/DESIGN.md interop facts)
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     original_max_position_embeddings: int = 4096

@@ -1,6 +1,6 @@
 """Weight interop: OmniGen-v1 layouts, official DiTFuse LoRA adapters, merging, `ditfuse convert`.
 
-Two model layouts hold the same network (DESIGN.md "Model", "Interop facts"):
+Two model layouts hold the same network (docs/DESIGN.md "Model", "Interop facts"):
 - diffusers: `DIR/transformer/{config.json, diffusion_pytorch_model.safetensors}` for
   `diffusers.OmniGenTransformer2DModel` (what this framework trains and samples);
 - original (github.com/VectorSpaceLab/OmniGen, OmniGen/model.py): `DIR/config.json` is a
@@ -59,7 +59,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json")
 
-# original prefix -> diffusers prefix (DESIGN.md "Model"); `llm.` keys lose the prefix and the
+# original prefix -> diffusers prefix (docs/DESIGN.md "Model"); `llm.` keys lose the prefix and the
 # attention projections are handled apart.
 _RENAMES = (
     ("x_embedder.proj.", "patch_embedding.output_image_proj."),

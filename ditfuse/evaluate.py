@@ -2,25 +2,34 @@
 
 Images are matched by file stem across the folders and read as OpenCV reads them
 (`cv2.imread(IMREAD_COLOR)`, BGR; RoadScene's JPEGs then decode as in published tables), then
-scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (../shared/docs/METRICS.md), image 1
+scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (docs/METRICS.md), image 1
 as source A and image 2 as source B. Output: one row per image, a mean row (NaN propagates, as
 in the evaluator's sums), optional baseline rows (pixelwise mean / max fusion of the same gray
 pairs: on infrared-visible sets max fusion out-scores published methods on MI, VIF and Qabf),
 the convention, and every stem that could not be scored, with the reason.
 
-    ditfuse eval --image1-dir ir --image2-dir vi --fused-dir out --baselines mean,max
+    ditfuse eval --image1-dir vi --image2-dir ir --fused-dir out --baselines mean,max
     ditfuse eval ... --format json --out metrics.json
+    ditfuse eval ... --fused-dir ours=out --fused-dir cddfuse=cdd/ --plot metrics.png
+
+Several `--fused-dir NAME=DIR` give a comparison table across methods (one mean row each, on the
+stems every folder has); `--plot FILE` draws one box chart per metric (methods and baselines side
+by side; needs matplotlib). A tqdm bar with ETA shows progress in a terminal; with --no-progress
+or when stderr is not a terminal, a line every 10 s instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import math
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +42,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FORMATS = ("md", "csv", "json")
 BASELINES = ("mean", "max")
 REF_SUFFIX = "_ref"  # PSNR_ref / SSIM_ref: against --reference-dir
+FUSED = "fused"  # the method name of an unnamed --fused-dir
+LINE_EVERY_S = 10.0  # progress line period without a bar
 
 
 class EvalError(Exception):
@@ -44,15 +55,20 @@ class Report:
     """Everything `ditfuse eval` prints: rows keyed by stem, then column name."""
 
     columns: list[str]
-    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    methods: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # name -> stem -> row
     baselines: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # name -> stem -> row
     skipped: dict[str, str] = field(default_factory=dict)  # stem -> reason
     notes: list[str] = field(default_factory=list)
 
     @property
+    def per_image(self) -> dict[str, dict[str, float]]:
+        """The first (with one --fused-dir: the only) method's rows."""
+        return next(iter(self.methods.values()), {})
+
+    @property
     def n_pairs(self) -> int:
         """Stems scored (fused rows, or baseline rows when there is no fused folder)."""
-        return max([len(self.per_image), *(len(r) for r in self.baselines.values())])
+        return max([0, *(len(r) for r in self.methods.values()), *(len(r) for r in self.baselines.values())])
 
     def mean(self, rows: dict[str, dict[str, float]]) -> dict[str, float]:
         """Column means over rows; a NaN anywhere makes that column's mean NaN."""
@@ -116,22 +132,24 @@ def _row(values: dict[str, Tensor]) -> dict[str, float]:
 
 
 def score_image(
-    images: dict[str, Tensor], names: list[str], iqa: dict[str, Callable[[Tensor], Tensor]], baselines: list[str]
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """One stem's row and its baseline rows. images: label -> (1, 3, H, W) on the compute device."""
+    images: dict[str, Tensor], fused: dict[str, Tensor], names: list[str], iqa: dict[str, Callable[[Tensor], Tensor]],
+    baselines: list[str],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """One stem's rows per method and per baseline. images: image1 / image2 / reference;
+    fused: method -> image; all (1, 3, H, W) on the compute device."""
     a, b, ref = images["image1"], images["image2"], images.get("reference")
-    fusions = {name: f for name, f in baseline_fusions(a, b).items() if name in baselines}
-    rows: dict[str, dict[str, float]] = {}
-    for name, f in [("fused", images.get("fused")), *fusions.items()]:
-        if f is None:
-            continue
-        row = _row(fm.compute_fusion_metrics(a, b, f, names))
+
+    def row(f: Tensor, with_iqa: bool) -> dict[str, float]:
+        r = _row(fm.compute_fusion_metrics(a, b, f, names))
         if ref is not None:
-            row.update({k + REF_SUFFIX: v for k, v in _row(fm.reference_metrics(ref, f)).items()})
-        if name == "fused":
-            row.update({k.upper(): float(fn(f.float() / 255)[0]) for k, fn in iqa.items()})
-        rows[name] = row
-    return rows.pop("fused", {}), rows
+            r.update({k + REF_SUFFIX: v for k, v in _row(fm.reference_metrics(ref, f)).items()})
+        if with_iqa:
+            r.update({k.upper(): float(fn(f.float() / 255)[0]) for k, fn in iqa.items()})
+        return r
+
+    fusions = {name: f for name, f in baseline_fusions(a, b).items() if name in baselines}
+    return ({name: row(f, True) for name, f in fused.items()},
+            {name: row(f, False) for name, f in fusions.items()})
 
 
 def _load(paths: dict[str, Path], device: torch.device) -> dict[str, Tensor]:
@@ -151,33 +169,68 @@ def evaluate(args: argparse.Namespace) -> Report:
     """Score every matched stem; unreadable or mismatched images are skipped with a reason."""
     names = fm.resolve_names(args.metrics)
     baselines = _parse_baselines(args.baselines)
-    folders = {"image1": args.image1_dir, "image2": args.image2_dir}
-    if args.fused_dir is not None:
-        folders["fused"] = args.fused_dir
+    methods = parse_fused_dirs(args.fused_dir)
+    labels = {(FUSED if m == FUSED else f"{FUSED}:{m}"): m for m in methods}  # folder label -> method
+    folders = {"image1": args.image1_dir, "image2": args.image2_dir, **{lb: methods[m] for lb, m in labels.items()}}
     matched, skipped = match_stems(folders)
     refs, ref_dupes = index_folder(args.reference_dir) if args.reference_dir else ({}, [])
     iqa = _build_iqa(args)
     report = Report(columns=_columns(args, names, iqa), skipped=skipped)
+    report.methods = {m: {} for m in methods}
     device = torch.device(args.device)
-    for stem, paths in matched.items():
+    for stem, paths in progress(matched.items(), len(matched), bar=args.progress):
         if args.reference_dir is not None:
             if stem in refs:
                 paths = {**paths, "reference": refs[stem]}
             else:
                 report.notes.append(f"{stem}: no reference image" + (" (ambiguous)" if stem in ref_dupes else ""))
         try:
-            row, base = score_image(_load(paths, device), names, iqa, baselines)
+            images = _load(paths, device)
+            fused = {m: images.pop(lb) for lb, m in labels.items()}
+            rows, base = score_image(images, fused, names, iqa, baselines)
         except (EvalError, ValueError) as exc:
             report.skipped[stem] = str(exc)
             continue
-        if args.fused_dir is not None:
-            report.per_image[stem] = row
+        for name, row in rows.items():
+            report.methods[name][stem] = row
         for name, brow in base.items():
             report.baselines.setdefault(name, {})[stem] = brow
-    if not report.per_image and not report.baselines:
+    if not report.n_pairs:
         raise EvalError(f"no image could be scored ({len(report.skipped)} stems skipped: "
                         + "; ".join(f"{s}: {r}" for s, r in list(report.skipped.items())[:5]) + ")")
     return report
+
+
+def parse_fused_dirs(values: list[str] | None) -> dict[str, Path]:
+    """`DIR` (method "fused") or `NAME=DIR`, repeatable -> {name: folder}."""
+    methods: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, folder = value.partition("=")
+        if not sep or Path(value).exists() or not name or "/" in name:
+            name, folder = FUSED, value
+        if name in methods:
+            raise EvalError(f"--fused-dir {value}: method {name!r} given twice; name each folder NAME=DIR")
+        methods[name] = Path(folder)
+    return methods
+
+
+def progress(items: Iterable, total: int, bar: bool | None) -> Iterator:
+    """tqdm with ETA on a terminal; otherwise (or bar=False) a line every LINE_EVERY_S seconds."""
+    if bar is None:
+        bar = sys.stderr.isatty()
+    if bar:
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc="ditfuse eval", unit="pair", file=sys.stderr)
+        return
+    start = last = time.perf_counter()
+    for i, item in enumerate(items):
+        yield item
+        now = time.perf_counter()
+        if now - last >= LINE_EVERY_S or i + 1 == total:
+            last, rate = now, (i + 1) / max(now - start, 1e-9)
+            print(f"ditfuse eval: {i + 1}/{total} pairs, {now - start:.0f} s, ETA {(total - i - 1) / rate:.0f} s",
+                  file=sys.stderr, flush=True)
 
 
 def _columns(args: argparse.Namespace, names: list[str], iqa: dict) -> list[str]:
@@ -224,6 +277,8 @@ def to_json(report: Report, args: argparse.Namespace) -> str:
         "columns": report.columns,
         "per_image": report.per_image,
         "mean": report.mean(report.per_image),
+        "methods": {name: report.mean(rows) for name, rows in report.methods.items()},
+        "methods_per_image": report.methods if len(report.methods) > 1 else {},
         "baselines": {name: report.mean(rows) for name, rows in report.baselines.items()},
         "n_images": len(report.per_image),
         "n_pairs": report.n_pairs,
@@ -237,9 +292,14 @@ def to_json(report: Report, args: argparse.Namespace) -> str:
 
 
 def _summary_rows(report: Report) -> list[tuple[str, dict[str, float]]]:
-    rows = list(report.per_image.items())
-    if report.per_image:
-        rows.append(("mean", report.mean(report.per_image)))
+    """One method: its per-image rows and their mean; several: one mean row per method (the
+    comparison table). Then the baselines' means."""
+    if len(report.methods) > 1:
+        rows = [(f"method:{name}", report.mean(r)) for name, r in report.methods.items()]
+    else:
+        rows = list(report.per_image.items())
+        if report.per_image:
+            rows.append(("mean", report.mean(report.per_image)))
     rows += [(f"baseline:{name}", report.mean(r)) for name, r in report.baselines.items()]
     return rows
 
@@ -257,7 +317,7 @@ def to_csv(report: Report) -> str:
 
 def to_markdown(report: Report, args: argparse.Namespace) -> str:
     fmt = lambda v: "nan" if math.isnan(v) else f"{v:.4f}"  # noqa: E731
-    lines = [f"Convention: {fm.CONVENTION} (METRICS.md); {report.n_pairs} pairs; "
+    lines = [f"Convention: {fm.CONVENTION} (docs/METRICS.md); {report.n_pairs} pairs; "
              + ", ".join(f"{k}={v}" for k, v in _folders(args).items()), ""]
     lines += ["| image | " + " | ".join(report.columns) + " |", "|---|" + "---:|" * len(report.columns)]
     for label, row in _summary_rows(report):
@@ -272,8 +332,47 @@ def to_markdown(report: Report, args: argparse.Namespace) -> str:
 
 
 def _folders(args: argparse.Namespace) -> dict[str, Path]:
-    keys = ("image1_dir", "image2_dir", "fused_dir", "reference_dir")
-    return {k.removesuffix("_dir"): getattr(args, k) for k in keys if getattr(args, k) is not None}
+    keys = ("image1_dir", "image2_dir", "reference_dir")
+    out = {k.removesuffix("_dir"): getattr(args, k) for k in keys if getattr(args, k) is not None}
+    methods = parse_fused_dirs(args.fused_dir)
+    if list(methods) == [FUSED]:
+        out["fused"] = methods[FUSED]
+    out.update({f"fused:{m}": d for m, d in methods.items() if m != FUSED or len(methods) > 1})
+    return out
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(report: Report, path: Path) -> None:
+    """One box chart per metric: each method's and baseline's per-image values, the mean marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    groups = {**{m: rows for m, rows in report.methods.items()},
+              **{f"{b} (baseline)": rows for b, rows in report.baselines.items()}}
+    cols = [c for c in report.columns if any(c in r for rows in groups.values() for r in rows.values())]
+    ncols = min(4, len(cols))
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, col in zip(axes.flat, cols):
+        names = [g for g in groups if any(col in r for r in groups[g].values())]
+        data = [[r[col] for r in groups[g].values() if col in r and math.isfinite(r[col])] for g in names]
+        box = ax.boxplot(data, showmeans=True, patch_artist=True, widths=0.6)
+        for patch, name in zip(box["boxes"], names):
+            patch.set_facecolor("#dddddd" if name.endswith("(baseline)") else colors[names.index(name) % len(colors)])
+        ax.set_xticks(range(1, len(names) + 1), [n.replace(" (baseline)", "\n(baseline)") for n in names], fontsize=7)
+        ax.set_title(col, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    fig.suptitle(f"ditfuse eval: {report.n_pairs} pairs, {fm.CONVENTION} convention (triangle: mean)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- command line
@@ -282,9 +381,15 @@ def _folders(args: argparse.Namespace) -> dict[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ditfuse eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image1-dir", type=Path, required=True, help="source A (e.g. infrared)")
-    p.add_argument("--image2-dir", type=Path, required=True, help="source B (e.g. visible)")
-    p.add_argument("--fused-dir", type=Path, help="fused images (optional with --baselines)")
+    p.add_argument("--image1-dir", type=Path, required=True,
+                   help="image 1, the visible image (as in fuse and shards); source A of the metrics")
+    p.add_argument("--image2-dir", type=Path, required=True, help="image 2, e.g. infrared; source B of the metrics")
+    p.add_argument("--fused-dir", action="append", metavar="[NAME=]DIR",
+                   help="fused images (optional with --baselines); repeat NAME=DIR to compare methods")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="box chart per metric, methods and baselines side by side (needs matplotlib)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no tqdm bar: a progress line every 10 s (also the default when stderr is not a terminal)")
     p.add_argument("--metrics", help=f"comma list from {','.join(fm.METRIC_NAMES)} (default: all)")
     p.add_argument("--format", choices=FORMATS, help="default: from --out's suffix, else md")
     p.add_argument("--out", type=Path, help="write here instead of stdout (never overwritten without --overwrite)")
@@ -305,10 +410,29 @@ def _check_args(args: argparse.Namespace) -> str:
         raise EvalError("give --fused-dir, or --baselines to score only baseline fusions")
     fm.resolve_names(args.metrics)  # unknown names fail here, not after reading images
     _parse_baselines(args.baselines)
+    parse_fused_dirs(args.fused_dir)
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise EvalError(f"{args.out} exists; pass --overwrite to replace it or choose another --out")
+    if args.plot is not None:
+        if args.plot.exists() and not args.overwrite:
+            raise EvalError(f"{args.plot} exists; pass --overwrite to replace it or choose another --plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise EvalError("--plot needs matplotlib: pip install matplotlib (or drop --plot)")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path.parent, flag)
     suffix = args.out.suffix.lower().lstrip(".") if args.out is not None else ""
     return args.format or (suffix if suffix in FORMATS else "md")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` and write a probe file there before minutes of scoring."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise EvalError(f"{flag}: cannot write into {folder} ({exc.strerror or exc}); choose another {flag}") from None
 
 
 def main(argv: list[str]) -> int:
@@ -331,6 +455,9 @@ def main(argv: list[str]) -> int:
             fh.write(text)
         print(f"ditfuse eval: wrote {args.out} ({report.n_pairs} pairs scored, {len(report.skipped)} skipped)",
               file=sys.stderr)
+    if args.plot is not None:
+        plot(report, args.plot)
+        print(f"ditfuse eval: wrote {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """No-reference IQA (CLIPIQA, MANIQA) through pyiqa, built strictly offline from local files.
 
-pyiqa downloads its weights on first use, and offline that fails slowly (../shared/docs/METRICS.md):
+pyiqa downloads its weights on first use, and offline that fails slowly (docs/METRICS.md):
 CLIP's urllib download has no timeout, timm's hub download retries for about 48 s. So this module
 1. resolves every file a metric needs, from explicit paths or a folder laid out like pyiqa's own
    cache (the torch hub dir: `clip/RN50.pt`, `pyiqa/ckpt_koniq10k.pt`, ...); a missing file is a

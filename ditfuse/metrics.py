@@ -1,4 +1,4 @@
-"""Fusion metrics in the MMIF-CDDFuse evaluator convention (../shared/docs/METRICS.md).
+"""Fusion metrics in the MMIF-CDDFuse evaluator convention (docs/METRICS.md).
 
 Published IVIF/MFF/MEF tables come from MMIF-CDDFuse `utils/Evaluator.py`; this module reproduces
 it to 1e-4 relative, quirks included (PSNR peak = max(F), SSIM with data_range 2 in float32,
@@ -26,16 +26,16 @@ METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "CC", "MSE", "PSNR", "VIF",
 REFERENCE_CONVENTION = "gray-peak255"
 REFERENCE_NAMES = ("PSNR", "SSIM")
 
-# OpenCV's BGR2GRAY weights (METRICS.md "Inputs"), applied as float32 values.
+# OpenCV's BGR2GRAY weights (docs/METRICS.md "Inputs"), applied as float32 values.
 _W_R, _W_G, _W_B = (float(torch.tensor(w, dtype=torch.float32)) for w in (0.299, 0.587, 0.114))
-_LEVELS = 256  # METRICS.md: MI and EN use 256 integer levels, no binning
-# VIFp constants (METRICS.md "VIFp"; Evaluator.compare_viff): sigma_n^2 = 2, eps = 1e-10,
+_LEVELS = 256  # docs/METRICS.md: MI and EN use 256 integer levels, no binning
+# VIFp constants (docs/METRICS.md "VIFp"; Evaluator.compare_viff): sigma_n^2 = 2, eps = 1e-10,
 # window sizes N = 2^(5-s)+1 for s = 1..4.
 _VIF_SIGMA_NSQ, _VIF_EPS, _VIF_SIZES = 2.0, 1e-10, (17, 9, 5, 3)
 VIF_MIN_SIDE = 41  # smallest side for which all four 'valid' scales are non-empty (17/9/5/3)
-# Qabf constants (METRICS.md "Qabf"; Evaluator.Qabf_getQabf): Tg, kg, Dg, Ta, ka, Da.
+# Qabf constants (docs/METRICS.md "Qabf"; Evaluator.Qabf_getQabf): Tg, kg, Dg, Ta, ka, Da.
 _TG, _KG, _DG, _TA, _KA, _DA = 0.9994, -15.0, 0.5, 0.9879, -22.0, 0.8
-# SSIM (METRICS.md "SSIM"; skimage structural_similarity defaults): 7x7 uniform window,
+# SSIM (docs/METRICS.md "SSIM"; skimage structural_similarity defaults): 7x7 uniform window,
 # sample covariance 49/48, K1 = 0.01, K2 = 0.03; the evaluator's data_range is 2.0.
 _SSIM_WIN, _SSIM_K1, _SSIM_K2, _SSIM_RANGE = 7, 0.01, 0.03, 2.0
 # Per-pixel work runs in blocks of rows on the CPU so a block's temporaries stay in cache
@@ -50,7 +50,7 @@ def to_gray(x: Tensor) -> Tensor:
     """(N, 3, H, W) RGB or (N, 1, H, W) gray on 0..255 -> (N, H, W) float64 gray.
 
     RGB goes through OpenCV's float32 BGR2GRAY, t = G*0.587; t = fma(B, 0.114, t);
-    y = fma(R, 0.299, t), then round half to even (METRICS.md "Inputs"). torch has no fma, so
+    y = fma(R, 0.299, t), then round half to even (docs/METRICS.md "Inputs"). torch has no fma, so
     each step is computed in float64, where for 8-bit values the product and sum are exact, and
     rounded to float32 once, which is what fma does. 1-channel input passes through.
     """

@@ -2,7 +2,7 @@
 
 Shared by the data pipelines (training prompts) and inference (`ditfuse fuse`), so a model is
 always asked in the words it was trained on. Source: DiTFuse (arXiv 2512.07170) and its released
-prompts; see ../shared/docs/PROMPTS.md.
+prompts; see docs/PROMPTS.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ FUSION_TASKS: tuple[str, ...] = ("ivif", "mff", "mef")
 TASK_TAG = {"ivif": "[FUSION]", "mff": "[FUSION]", "mef": "[FUSION]", "m3": "[FUSION]",
             "control": "[CONTROL]", "seg": "[SEG]"}
 
-# Fusion subtask tags; M3 and SEG have none (PROMPTS.md).
+# Fusion subtask tags; M3 and SEG have none (docs/PROMPTS.md).
 FUSION_SUBTAG = {"ivif": "<MULTI-MODALITIES>", "mff": "<MULTI-FOCUS>", "mef": "<MULTI-EXPOSURE>"}
 
 CONTROL_SUBTASKS: tuple[str, ...] = ("LIGHT++", "LIGHT+", "LIGHT-", "LIGHT--", "CONTRAST+", "CONTRAST-")

@@ -35,7 +35,7 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass
 class SamplerSettings:
-    steps: int = 50  # DESIGN.md / OmniGen default
+    steps: int = 50  # docs/DESIGN.md / OmniGen default
     guidance_scale: float = 2.5  # s_txt; OmniGen pipeline default
     img_guidance_scale: float = 1.6  # s_img; OmniGen pipeline default
     kv_cache: bool = True

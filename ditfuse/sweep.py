@@ -4,9 +4,12 @@
         --grid data.ratios.m3=0.6,0.75,0.9 --grid data.ratios.fusion=0.05,0.1 --out sweeps/mix [--run]
 
 writes into --out
-- `points/<name>.yaml`: the composed config of each point (the --config files merged in order,
-  then the grid values applied as dotted-key updates). Each point logs to TensorBoard under
-  `tb/<name>` (the logger's version is the point name), checkpoints under `runs/<name>/`, and
+- `points/<name>.yaml`: the composed config of each point, exactly what `ditfuse fit --config ...
+  --KEY=VALUE ...` composes from the same files and grid values (it is composed by the fit CLI
+  itself, `--print_config` in this process: a later file replaces a list or mapping, a dotted
+  override `--data.ratios.m3=0.6` sets one entry, as jsonargparse does), every default written
+  out. Each point logs to TensorBoard under `tb/<name>` (the logger's version is the point
+  name), checkpoints under `runs/<name>/checkpoints/`, and
   carries `callbacks.HParamsLogger`, so `tensorboard --logdir <out>/tb` compares the points in
   the HParams view;
 - `manifest.json` and `manifest.csv`: the points, their values and paths;
@@ -15,10 +18,10 @@ writes into --out
 `--run` then trains the points one after another here, each `ditfuse fit --config <point>` in its
 own process.
 
-A grid key names a setting of the composed YAML; `data.ratios.m3` also finds
-`data.init_args.ratios.m3`. A key the YAML does not have is an error naming it, checked before
-anything is written, with one exception: a new entry inside a mapping-valued argument (a kind
-added to `data.ratios`). A one-value grid is a plain override (`--grid trainer.max_steps=50`)
+A grid key names a setting of the composed config; `data.ratios.m3` also finds
+`data.init_args.ratios.m3`. A key that is not a setting is an error naming it (with the nearest
+valid key), checked before anything is written, with one exception: a new entry inside a
+mapping-valued argument (a kind added to `data.ratios`), which the fit CLI then accepts or not. A one-value grid is a plain override (`--grid trainer.max_steps=50`)
 and is left out of the point names. `--grid-file` reads axes from YAML: `key: [v1, v2]`, or
 `axis: [{key1: a, key2: b, _name: label}, ...]` to move several keys together.
 """
@@ -26,17 +29,18 @@ and is left out of the point names. `--grid-file` reads axes from YAML: `key: [v
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import csv
 import difflib
+import io
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,19 +213,34 @@ def _unknown_key_message(key: str, part: str, path: list[str], node: Any, comple
 
 
 # --------------------------------------------------------------------------------------------
-# composing the points
+# composing the points: by the fit CLI itself, so a point is what `ditfuse fit` would run
 # --------------------------------------------------------------------------------------------
-def load_configs(paths: list[Path]) -> DictConfig:
-    """The --config files merged in order (later files override; lists are replaced)."""
-    cfgs = []
-    for p in paths:
-        if not p.is_file():
-            raise SweepError(f"--config {p}: no such file")
-        loaded = OmegaConf.load(p)  # its YAML loader reads 1e-4 as a float, as jsonargparse does
-        if not isinstance(loaded, DictConfig):
-            raise SweepError(f"--config {p}: expected a YAML mapping at the top level")
-        cfgs.append(loaded)
-    return OmegaConf.merge(*cfgs)  # type: ignore[return-value]
+Composer = Callable[[list[str]], DictConfig]
+
+
+def cli_composer(configs: list[Path]) -> Composer:
+    """overrides -> the config `ditfuse fit --config C... OVERRIDES --print_config` prints."""
+    for c in configs:
+        if not c.is_file():
+            raise SweepError(f"--config {c}: no such file")
+    files = [a for c in configs for a in ("--config", str(c))]
+    return lambda overrides: print_config(["fit", *files, *overrides])
+
+
+def print_config(args: list[str]) -> DictConfig:
+    """Run the fit CLI's --print_config here (no subprocess: Lightning is imported once)."""
+    from ditfuse.lightning_cli import run_lightning_cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_lightning_cli([*args, "--print_config"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    if code:
+        lines = [ln for ln in err.getvalue().splitlines() if "error" in ln.lower()] or err.getvalue().splitlines()
+        raise SweepError(f"`ditfuse {shlex.join(args)}` rejects it: {' '.join(lines[-2:]).strip()}")
+    return OmegaConf.create(yaml.safe_load(out.getvalue()))
 
 
 def point_label(axes: list[Axis], combo: tuple[int, ...]) -> str:
@@ -244,87 +263,60 @@ def _short_names(keys: list[str]) -> list[str]:
     return out
 
 
-def resolve_keys(base: DictConfig, keys: list[str], full: Callable[[], DictConfig | None]
-                 ) -> tuple[dict[str, str], dict[str, str]]:
-    """(key -> dotted path, key -> a hint for the keys that add a new entry to a mapping).
-
-    A key the YAML does not set is looked up in `full()` (every setting with its default, as
-    `ditfuse fit --print_config` prints them), fetched only when needed. Only there may a key add
-    an entry to a mapping-valued argument (a kind to `data.ratios`), and such keys are returned
-    so the composed config can be checked by the CLI: a mapping may also be a typed setting
-    (`model.flow`) that rejects unknown fields.
-    """
-    resolved, missing = {}, []
+def resolve_keys(full: DictConfig, keys: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(key -> dotted path in the composed config, key -> a did-you-mean hint for the keys that
+    add a new entry to a mapping: the fit CLI decides whether that entry is valid)."""
+    resolved: dict[str, str] = {}
+    added: dict[str, str] = {}
     for key in dict.fromkeys(keys):
         try:
-            resolved[key] = resolve_key(base, key, allow_new=False)
+            resolved[key] = resolve_key(full, key, complete=True, allow_new=False)
         except SweepError:
-            missing.append(key)
-    if not missing:
-        return resolved, {}
-    everything = full()
-    added: dict[str, str] = {}
-    for key in missing:
-        if everything is None:  # no CLI to ask: the YAML alone decides
-            resolved[key] = resolve_key(base, key)
-            continue
-        try:
-            resolved[key] = resolve_key(everything, key, complete=True, allow_new=False)
-        except SweepError:
-            resolved[key] = path = resolve_key(everything, key, complete=True)
+            resolved[key] = path = resolve_key(full, key, complete=True)
             parent, _, last = path.rpartition(".")
-            close = difflib.get_close_matches(last, [str(k) for k in OmegaConf.select(everything, parent)], n=1)
+            close = difflib.get_close_matches(last, [str(k) for k in OmegaConf.select(full, parent)], n=1)
             added[key] = f" Did you mean {parent}.{close[0]!r}?" if close else ""
     return resolved, added
 
 
-def printed_config(configs: list[Path]) -> DictConfig | None:
-    """The composed config with every default, from `ditfuse fit --print_config` (None when the
-    CLI is not importable). A config the CLI rejects is an error here, before anything is written."""
-    cmd = [sys.executable, "-m", "ditfuse.cli", "fit", *(a for c in configs for a in ("--config", str(c))),
-           "--print_config"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        if "No module named 'ditfuse.lightning_cli'" in res.stderr:
-            return None
-        raise SweepError(f"`{shlex.join(cmd)}` failed:\n{res.stderr.strip()[-2000:]}")
-    return OmegaConf.create(yaml.safe_load(res.stdout))
+def cli_override(path: str, value: Any) -> str | None:
+    """`--data.ratios.m3=0.6` as fit takes it; None for a list element (`...callbacks.0...`),
+    which fit's command line cannot address."""
+    if any(part.isdigit() for part in path.split(".")):
+        return None
+    # a string as is (jsonargparse keeps a str-typed value verbatim: JSON quotes would stay in
+    # the value); anything else as JSON, which is YAML, so jsonargparse reads it back typed
+    return f"--{path}={value if isinstance(value, str) else json.dumps(value)}"
 
 
-def build_points(base: DictConfig, axes: list[Axis], out: Path, sweep_name: str, metrics: list[str] | None,
-                 full: Callable[[], DictConfig | None] = lambda: None) -> list[Point]:
-    # resolve every key once, before anything is composed, so a typo fails first
-    resolved, added = resolve_keys(base, [key for a in axes for upd in a.updates for key in upd], full)
+def compose_point(compose: Composer, updates: dict[str, Any], added: dict[str, str]) -> DictConfig:
+    overrides = {p: cli_override(p, v) for p, v in updates.items()}
+    try:
+        cfg = compose([o for o in overrides.values() if o])
+    except SweepError as e:
+        hints = "" if "did you mean" in str(e).lower() else "".join(added.values())
+        raise SweepError(f"{e}{hints}") from None
+    for path, value in updates.items():
+        if overrides[path] is None:
+            OmegaConf.update(cfg, path, value, merge=False, force_add=True)
+    return cfg
+
+
+def build_points(compose: Composer, axes: list[Axis], out: Path, sweep_name: str,
+                 metrics: list[str] | None) -> list[Point]:
+    # resolve every key once, against every setting the CLI knows, so a typo fails first
+    resolved, added = resolve_keys(compose([]), [key for a in axes for upd in a.updates for key in upd])
     points = []
     for index, combo in enumerate(itertools.product(*(range(len(a.updates)) for a in axes))):
-        cfg = copy.deepcopy(base)
-        values: dict[str, Any] = {}
-        for axis, i in zip(axes, combo):
-            for key, value in axis.updates[i].items():
-                OmegaConf.update(cfg, resolved[key], value, merge=False, force_add=True)
-                values[resolved[key]] = value
+        values = {resolved[k]: v for axis, i in zip(axes, combo) for k, v in axis.updates[i].items()}
+        cfg = compose_point(compose, values, added)
         name = f"p{index:03d}_{point_label(axes, combo)}"
         _route_outputs(cfg, out, sweep_name, name, metrics)
         points.append(Point(index, name, values, cfg))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise SweepError("two grid points got the same name; give linked axes distinct `_name`s")
-    if added:
-        check_with_cli(points[0], added)
     return points
-
-
-def check_with_cli(point: Point, keys: dict[str, str]) -> None:
-    """Let `ditfuse fit --print_config` accept the composed config of one point (`keys`: the
-    keys that added entries, with a did-you-mean hint)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "point.yaml"
-        path.write_text(OmegaConf.to_yaml(point.config, resolve=False))
-        try:
-            printed_config([path])
-        except SweepError as e:
-            raise SweepError(f"--grid key(s) {', '.join(map(repr, keys))} add new entries that `ditfuse fit` "
-                             f"does not accept (a typo?).{''.join(keys.values())}\n{e}") from None
 
 
 def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metrics: list[str] | None) -> None:
@@ -355,8 +347,8 @@ def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metri
     for cb in callbacks:
         cls = str(cb.get("class_path", ""))
         init = cb.get("init_args") or {}
-        if cls.endswith("ModelCheckpoint") and init.get("dirpath"):
-            init.dirpath = str(run_dir / Path(str(init.dirpath)).name)
+        if cls.endswith("ModelCheckpoint"):  # sweep.sbatch resumes from run_dir's last.ckpt
+            init.dirpath = str(run_dir / (Path(str(init.dirpath)).name if init.get("dirpath") else "checkpoints"))
     if not any(str(cb.get("class_path", "")).endswith("HParamsLogger") for cb in callbacks):
         callbacks.append({"class_path": HPARAMS_CALLBACK, "init_args": {"metrics": metrics}})
     trainer.callbacks = callbacks
@@ -365,6 +357,16 @@ def _route_outputs(cfg: DictConfig, out: Path, sweep_name: str, name: str, metri
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
+def check_out_writable(out: Path) -> None:
+    """Fail before composing anything when --out cannot be created or written."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SweepError(f"--out {out} is not writable ({probe} is {'not a folder' if not probe.is_dir() else 'read-only'}); "
+                         "choose another --out")
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -511,9 +513,10 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
     out: Path = args.out or Path("sweeps") / args.config[-1].stem
     sweep_name = args.name or out.resolve().name
     axes = [axis_from_arg(g) for g in args.grid] + [a for f in args.grid_file for a in axes_from_file(f)]
-    base = load_configs(args.config)
-    points = build_points(base, axes, out, sweep_name, args.metrics,  # validates every key
-                          full=lambda: printed_config(args.config))
+    check_out_writable(out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        prepare_out(out, overwrite=False)  # the refusal, before minutes of composing
+    points = build_points(cli_composer(args.config), axes, out, sweep_name, args.metrics)  # validates every key
     prepare_out(out, args.overwrite)
     header = (f"# Sweep {sweep_name!r}, written by: ditfuse sweep "
               f"{shlex.join(argv)}\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# PROMPTS.md: the SEG target paints the mask translucent blue, out = (1-a)*base + a*(0,0,1).
+# docs/PROMPTS.md: the SEG target paints the mask translucent blue, out = (1-a)*base + a*(0,0,1).
 SEG_ALPHA = 0.5
 SEG_COLOR = (0.0, 0.0, 1.0)
 

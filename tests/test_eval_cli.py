@@ -196,3 +196,63 @@ def test_real_roadscene_pairs_max_baseline_equals_max_folder(ivif_dir, tmp_path)
                           "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["n_images"] == 2 and rep["mean"] == pytest.approx(rep["baselines"]["max"], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- several methods, plot, progress
+
+
+def test_several_fused_dirs_give_one_comparison_row_per_method(folders, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for stem in ("a", "b"):
+        cv2.imwrite(str(other / f"{stem}.png"), _img(40, gray=True))
+    base = ["--image1-dir", str(folders["ir"]), "--image2-dir", str(folders["vi"]), "--metrics", "EN,SF"]
+    out = tmp_path / "cmp.json"
+    assert evaluate.main([*base, "--fused-dir", f"ours={folders['fused']}", "--fused-dir", f"other={other}",
+                          "--baselines", "max", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["methods"]) == {"ours", "other"}
+    single = tmp_path / "single.json"
+    assert evaluate.main([*base, "--fused-dir", str(other), "--out", str(single)]) == 0
+    assert rep["methods"]["other"] == pytest.approx(json.loads(single.read_text())["mean"], rel=1e-12)
+    assert evaluate.main([*base, "--fused-dir", f"ours={folders['fused']}", "--fused-dir", f"other={other}",
+                          "--baselines", "max", "--no-progress"]) == 0
+    md = capsys.readouterr().out
+    assert "| method:ours |" in md and "| method:other |" in md and "| baseline:max |" in md
+    assert "| a |" not in md  # the comparison table has one row per method, not per image
+
+
+def test_plot_writes_a_png_with_methods_and_baselines(folders, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plots" / "m.png"
+    assert evaluate.main([*_args(folders, "--baselines", "mean,max", "--metrics", "EN,SD,MI"), "--plot", str(png)]) == 0
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[0] > 100 and img.shape[1] > 300
+    assert evaluate.main([*_args(folders, "--baselines", "max"), "--plot", str(png)]) == 2  # no overwrite
+
+
+def test_plot_without_matplotlib_is_a_one_line_error_before_scoring(folders, monkeypatch, capsys):
+    real = evaluate.importlib.util.find_spec
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: pytest.fail("scored before checking --plot"))
+    assert evaluate.main([*_args(folders), "--plot", str(folders["fused"].parent / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "matplotlib" in err
+
+
+def test_unwritable_out_fails_before_scoring(folders, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: pytest.fail("scored before checking --out"))
+    for flag in ("--out", "--plot"):
+        assert evaluate.main([*_args(folders), flag, str(blocker / "sub" / "m.json")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: cannot write" in err and "Traceback" not in err
+
+
+def test_progress_lines_without_a_terminal(folders, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "LINE_EVERY_S", 0.0)
+    assert evaluate.main(_args(folders, "--metrics", "EN", "--no-progress")) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "pairs," in ln]
+    assert lines[-1].startswith("ditfuse eval: 2/2 pairs") and "ETA" in lines[-1]

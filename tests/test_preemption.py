@@ -1,7 +1,9 @@
 """A CPU `ditfuse fit` killed mid-run and restarted with the same command continues where it was.
 
 1. SIGKILL after a periodic checkpoint (what a node loss does), restart with `--ckpt_path last`.
-2. SLURM's pre-timeout SIGUSR1 (simulated: SLURM variables set, a fake `scontrol` on PATH):
+2. Ctrl-C (SIGINT) or SIGTERM outside SLURM: callbacks.interrupt.InterruptCheckpoint saves
+   last.ckpt before the run exits; the same command with `--ckpt_path last` resumes from it.
+3. SLURM's pre-timeout SIGUSR1 (simulated: SLURM variables set, a fake `scontrol` on PATH):
    Lightning saves hpc_ckpt_N.ckpt and requeues; the requeued job (the same command, no
    ckpt_path) resumes from it.
 Both check: the step count continues (no jump back to step 0), the logged train/loss curve of
@@ -51,7 +53,8 @@ def _tb_loss_steps(event_file: Path) -> list[int]:
     return [e.step for e in acc.Scalars("train/loss")]
 
 
-def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int) -> None:
+def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int, overlap: bool = True) -> None:
+    """overlap: the first run went on past its checkpoint, so both runs have steps to compare."""
     log = read_runlog(tmp / "runlog")
     pids = list(dict.fromkeys(r["pid"] for r in log))
     assert pids[0] == first_pid and len(pids) == 2, pids
@@ -71,7 +74,7 @@ def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int) -> None:
     # torch's global RNG continues exactly where the killed run would have been
     by_step = {b["step"]: b["rng"] for b in before}
     shared = [b for b in after if b["step"] in by_step]
-    assert shared and all(b["rng"] == by_step[b["step"]] for b in shared)
+    assert (bool(shared) or not overlap) and all(b["rng"] == by_step[b["step"]] for b in shared)
     # the data stream continues with new draws instead of replaying the start of the epoch
     assert all(a["keys"] != b["keys"] for a, b in zip(after, before))
 
@@ -104,6 +107,35 @@ def test_sigkill_then_restart_with_ckpt_path_last(tmp_path, demo_dir):
 
     run_fit(cfg, "--ckpt_path", "last")
     _check_resumed(tmp_path, ckpt_step, proc.pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_writes_last_ckpt_that_the_same_command_resumes(tmp_path, demo_dir, sig):
+    # the periodic save (every 100 steps) never fires in this 8-step run: only the interrupt saves
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 100, "save_last": True,
+                                "save_top_k": 0}},
+                 {"class_path": "callbacks.interrupt.InterruptCheckpoint"}]
+    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=callbacks)
+    cmd = fit_cmd(cfg, "--ckpt_path", "last")
+    # SIGINT's default action, as in a terminal (a background shell running pytest ignores it,
+    # and children inherit that)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=fit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= 3, proc, "3 training steps")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-2000:]  # it stopped early, not at max_steps
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_file(), out[-3000:]
+    ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 3 <= ckpt_step < MAX_STEPS
+    assert "--ckpt_path last" in out  # it says how to resume
+
+    run_fit(cfg, "--ckpt_path", "last")
+    # the interrupt saved the step it stopped at: no step ran twice (no overlap to compare RNG on);
+    # the end of fit wrote last.ckpt at MAX_STEPS (the periodic save never fired)
+    _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
 
 
 def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, demo_dir):

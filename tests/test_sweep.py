@@ -32,9 +32,7 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {dirpath: ckpts, save_last: true}
 model:
-  class_path: ditfuse.module.DiTFuseModule
-  init_args:
-    optimizer: {lr: 5e-4}
+  optimizer: {lr: 5e-4}
 data:
   ratios: {fusion: 0.05, m3: 0.7, seg: 0.15, control: 0.1}
   batch_size: 4
@@ -42,12 +40,14 @@ data:
 
 
 @pytest.fixture
-def base(tmp_path: Path, monkeypatch) -> Path:
-    """A small base YAML; keys are checked against it alone (no `--print_config` lookup)."""
-    monkeypatch.setattr(sweep_mod, "printed_config", lambda configs: None)
+def base(tmp_path: Path) -> Path:
+    """A small base YAML (the fit CLI fills in every other setting)."""
     path = tmp_path / "base.yaml"
     path.write_text(BASE)
     return path
+
+
+needs_demo = needs_demo_file = pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo.yaml is not there yet")
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -77,7 +77,7 @@ def test_sweep_writes_one_config_per_point(base, tmp_path):
         cfg = yaml.safe_load(Path(p["config"]).read_text())
         assert cfg["data"]["ratios"]["m3"] == p["values"]["data.ratios.m3"]
         assert cfg["data"]["ratios"]["seg"] == 0.15  # untouched keys keep the base value
-        assert cfg["model"]["init_args"]["optimizer"]["lr"] == 1e-4  # via init_args, a float
+        assert cfg["model"]["optimizer"]["lr"] == 1e-4  # a float, not YAML 1.1's string
         logger = cfg["trainer"]["logger"]["init_args"]
         assert logger["version"] == p["name"] and logger["default_hp_metric"] is False
         assert Path(logger["save_dir"]) / logger["name"] / p["name"] == Path(p["log_dir"])
@@ -105,14 +105,60 @@ def test_sweep_unknown_key_fails_before_writing(base, tmp_path):
     assert rc == 2 and "'trainer.max_step'" in err and not out.exists()
 
 
-def test_sweep_may_add_a_kind_to_a_mapping_argument(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "printed_config", lambda configs: None)
+def test_sweep_string_values_arrive_verbatim(base, tmp_path):
+    out = tmp_path / "sw"
+    rc, err = _run(["--config", str(base), "--grid", f"data.demo_dir={tmp_path / 'd1'},{tmp_path / 'd2'}",
+                    "--grid", "data.m3_block_sizes=[8, 16]", "--out", str(out)])
+    assert rc == 0, err
+    cfgs = [yaml.safe_load(c.read_text())["data"] for c in sorted((out / "points").glob("*.yaml"))]
+    assert [c["demo_dir"] for c in cfgs] == [str(tmp_path / "d1"), str(tmp_path / "d2")]  # no quotes kept
+    assert all(c["m3_block_sizes"] == [8, 16] for c in cfgs)
+
+
+def test_sweep_may_add_a_kind_to_a_mapping_argument(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("data:\n  ratios: {m3: 1.0}\n")
     assert _run(["--config", str(base), "--grid", "data.ratios.fusion=0.0,0.1", "--out", str(tmp_path / "o")])[0] == 0
     cfgs = sorted((tmp_path / "o" / "points").glob("*.yaml"))
     assert [yaml.safe_load(c.read_text())["data"]["ratios"] for c in cfgs] == [
         {"m3": 1.0, "fusion": 0.0}, {"m3": 1.0, "fusion": 0.1}]
+
+
+def test_sweep_refuses_an_unwritable_out_before_composing(base, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, err = _run(["--config", str(base), "--grid", "data.ratios.m3=0.6,0.9", "--out", str(blocker / "sw")])
+    assert rc == 2 and "is not writable" in err and "--out" in err
+
+
+@needs_demo_file
+@pytest.mark.slow
+def test_sweep_point_is_the_config_fit_composes(tmp_path):
+    """A later file replaces the `ratios` mapping (fit does; OmegaConf.merge would keep seg and
+    control from demo.yaml), a dotted grid key then sets one entry: the point equals what a
+    separate `ditfuse fit ... --print_config` process prints for the same arguments."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("data:\n  ratios: {fusion: 0.5, m3: 0.5}\n  m3_block_sizes: [8]\n")
+    out = tmp_path / "sw"
+    rc, err = _run(["--config", str(DEMO), "--config", str(exp), "--grid", "data.ratios.m3=0.6,0.9",
+                    "--out", str(out)])
+    assert rc == 0, err
+    point = json.loads((out / "manifest.json").read_text())["points"][0]
+    swept = yaml.safe_load(Path(point["config"]).read_text())
+    res = subprocess.run([sys.executable, "-m", "ditfuse.cli", "fit", "--config", str(DEMO), "--config", str(exp),
+                          "--data.ratios.m3=0.6", "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fit = yaml.safe_load(res.stdout)
+    assert swept["data"]["ratios"] == fit["data"]["ratios"] == {"fusion": 0.5, "m3": 0.6}
+    # the sweep only re-routes outputs (run folder, logger, checkpoint dirs) and adds HParamsLogger
+    routed = ("default_root_dir", "logger", "callbacks")
+    assert {k: v for k, v in swept["trainer"].items() if k not in routed} == \
+        {k: v for k, v in fit["trainer"].items() if k not in routed}
+    assert {k: v for k, v in swept.items() if k != "trainer"} == {k: v for k, v in fit.items() if k != "trainer"}
+    strip = lambda cbs: [(c["class_path"], {k: v for k, v in (c.get("init_args") or {}).items() if k != "dirpath"})
+                         for c in cbs if not c["class_path"].endswith("HParamsLogger")]  # noqa: E731
+    assert strip(swept["trainer"]["callbacks"]) == strip(fit["trainer"]["callbacks"])
 
 
 def test_sweep_never_overwrites_without_flag(base, tmp_path):
@@ -242,7 +288,6 @@ def _demo_sweep(tmp_path: Path, *extra: str) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-needs_demo = pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo.yaml is not there yet")
 
 
 @needs_demo
@@ -255,7 +300,7 @@ def test_sweep_checks_keys_the_yaml_leaves_at_their_default(tmp_path):
     cfg = yaml.safe_load(next((out / "points").glob("p001_*.yaml")).read_text())
     assert cfg["model"]["flow"]["t_shift"] == 3.0
     rc, err = _run(["--config", str(DEMO), "--grid", "model.flow.t_shfit=1.0,3.0", "--out", str(tmp_path / "x")])
-    assert rc == 2 and "'model.flow.t_shfit'" in err and "Did you mean model.flow.'t_shift'" in err
+    assert rc == 2 and "--model.flow.t_shfit=1.0" in err and "did you mean --model.flow.t_shift?" in err
     assert not (tmp_path / "x").exists()
 
 
