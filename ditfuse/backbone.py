@@ -317,17 +317,34 @@ class Backbone(nn.Module):
         # 4. Output norm & projection
         return self._output(h, temb, H, W)
 
+    def _condition_kv(self, cond: Conditioning, cond_latents: Tensor | None, cos: Tensor, sin: Tensor
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+        C = cond.num_condition_tokens
+        h = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        mask = cond.mask(0, C, C) if self.dense_mask else cond.attention(0, C)
+        _, keys, values = self._run_blocks(h, cos, sin, mask, collect=True)
+        return keys, values
+
     @torch.no_grad()
     def prefill(self, cond: Conditioning, cond_latents: Tensor | None) -> KVCache:
         """Run the condition tokens once; keep each layer's K/V (after RoPE)."""
-        C = cond.num_condition_tokens
-        h = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        B, C = cond.batch_size, cond.num_condition_tokens
         cos, sin = rope_cos_sin(self.transformer.rope, cond.position_ids())  # (B, 1, L, hd)
-        mask = cond.mask(0, C, C) if self.dense_mask else cond.attention(0, C)
-        _, keys, values = self._run_blocks(h, cos[:, :, :C], sin[:, :, :C], mask, collect=True)
         tail = cos.shape[2] - C  # time + output tokens, written by each step
-        keys, values = ([torch.cat([x, x.new_empty(*x.shape[:2], tail, x.shape[3])], 2) for x in xs]
-                        for xs in (keys, values))
+        if self.dense_mask or B == 1 or not bool(cond.pad.max() > 0):
+            keys, values = self._condition_kv(cond, cond_latents, cos[:, :, :C], sin[:, :, :C])
+            keys, values = ([torch.cat([x, x.new_empty(*x.shape[:2], tail, x.shape[3])], 2) for x in xs]
+                            for xs in (keys, values))
+        else:  # rows of different lengths (guidance branches): each at its own length, so no compute
+            keys, values = [], []  # goes to left pad; zeroed pad columns keep the masked scores finite
+            for b in range(B):
+                p = int(cond.pad[b])
+                kb, vb = self._condition_kv(cond.unpadded_row(b), cond_latents, cos[b:b + 1, :, p:C],
+                                            sin[b:b + 1, :, p:C])
+                if not keys:
+                    keys, values = ([x.new_zeros(B, x.shape[1], C + tail, x.shape[3]) for x in xs] for xs in (kb, vb))
+                for buf, x in zip(keys + values, kb + vb):
+                    buf[b, :, p:C] = x[0]
         return KVCache(keys=keys, values=values, cond=cond, cos=cos[:, :, C:], sin=sin[:, :, C:],
                        mask=cond.mask(q_start=C) if self.dense_mask else cond.attention(q_start=C))
 

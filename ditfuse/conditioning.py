@@ -158,6 +158,15 @@ class Conditioning:
         allowed = (allowed & (k >= pad)) | (q < pad)
         return allowed[:, None]  # (B, 1, Lq, Lk)
 
+    def unpadded_row(self, b: int) -> "Conditioning":
+        """Row b alone without its left pad (same positions and RoPE factors as in the batch; its
+        spans still index the batch's input images)."""
+        p, sel = int(self.pad[b]), self.span_row == b
+        return Conditioning(input_ids=self.input_ids[b:b + 1, p:], pad=self.pad.new_zeros(1),
+                            segment=self.segment[b:b + 1, p:], span_row=torch.zeros_like(self.span_row[sel]),
+                            span_start=self.span_start[sel] - p, span_image=self.span_image[sel],
+                            tokens_per_image=self.tokens_per_image, num_output_tokens=self.num_output_tokens)
+
     def attention(self, q_start: int = 0, q_end: int | None = None) -> "AttentionMask":
         """OmniGen's mask in the structured form the backbone's attention takes (see
         `AttentionMask`), for query rows [q_start, q_end) against keys [0, L) (or [0, q_end) when
