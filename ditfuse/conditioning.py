@@ -15,8 +15,10 @@ sec. 2.1; diffusers' `OmniGenCollator.create_mask`):
 
 Memory: OmniGen's collator materialises a dense float32 (B, L, L) mask on the host (with three
 CFG branches and two 1024 px inputs, L ~ 12.4k: ~1.8 GB per pair). Here a batch keeps O(B*L)
-integers (pad lengths, span ids) and `Conditioning.mask()` expands them on the compute device
-into a boolean (B, 1, L, L) mask, the form sdpa takes (4x smaller than float, never on the host).
+integers (pad lengths, span ids). The model never builds the dense mask: `Conditioning.attention()`
+gives the structured form (`AttentionMask`: the condition/time rows' own (C+1)^2 mask, a (B, 1, 1, L)
+key-pad row for the output rows, nothing when unpadded); `Conditioning.mask()` expands the dense
+boolean (B, 1, Lq, L) mask on the compute device, the reference the structured path is tested against.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class Conditioning:
         allowed = (allowed & (k >= pad)) | (q < pad)
         return allowed[:, None]  # (B, 1, Lq, Lk)
 
-    def unpadded_row(self, b: int) -> "Conditioning":
+    def unpadded_row(self, b: int) -> Conditioning:
         """Row b alone without its left pad (same positions and RoPE factors as in the batch; its
         spans still index the batch's input images)."""
         p, sel = int(self.pad[b]), self.span_row == b
@@ -167,7 +169,7 @@ class Conditioning:
                             span_start=self.span_start[sel] - p, span_image=self.span_image[sel],
                             tokens_per_image=self.tokens_per_image, num_output_tokens=self.num_output_tokens)
 
-    def attention(self, q_start: int = 0, q_end: int | None = None) -> "AttentionMask":
+    def attention(self, q_start: int = 0, q_end: int | None = None) -> AttentionMask:
         """OmniGen's mask in the structured form the backbone's attention takes (see
         `AttentionMask`), for query rows [q_start, q_end) against keys [0, L) (or [0, q_end) when
         the rows stop inside the condition tokens, as in `prefill`)."""
