@@ -12,6 +12,19 @@ Mask memory compares this framework's conditioning (O(L) integers on the host, a
 (B, 1, L, L) mask built on the device) with diffusers' OmniGenCollator, which builds a dense
 float32 (B, L, L) mask on the host, for one training row and for the three guidance rows of
 sampling, at 512 and 1024 px. The last line is a JSON object with every figure.
+
+Side by side with the original training path (issue 13):
+
+    PYTHONPATH=$PWD python benchmarks/train_step.py --original-python /tmp/venv45/bin/python \
+        --original-src /path/to/DiTFuse [--layers 1] [--rounds 1]
+
+builds the OmniGen-v1-width model of benchmarks/vs_original.py (original layout, same weights for
+both), and runs, each in a fresh process, interleaved: the original's step as its train.py takes
+it (OmniGen.from_pretrained, llm.gradient_checkpointing_enable(), peft LoRA r=8 on qkv_proj /
+o_proj, AdamW, TrainDataCollator's dense mask and positions, flow-matching MSE as
+train_helper/loss.py) and this project's (LoRA r=8 on to_q/to_k/to_v/to_out.0, checkpointing, the
+structured attention), on the same token ids (2 inputs + output at 512 px: 3,089 tokens), the same
+latents. It prints CPU seconds per step, tokens/s, peak RSS and its growth over the loaded model.
 """
 
 from __future__ import annotations
@@ -48,6 +61,151 @@ def mask_memory(px: int, tok) -> dict[str, float]:
             "diffusers_host_float32_MiB_3rows": 3 * 4 * L * L / mib}
 
 
+CHILD = r"""
+import json, resource, sys, time
+import torch
+cfg = json.loads(sys.argv[-1])
+torch.set_num_threads(cfg["threads"])
+torch.manual_seed(0)
+def status_mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+def rss_mib():  # resident now; and reset the peak (VmHWM), so the peak is the measured work's, not loading's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mib("VmRSS")
+ids, spans, n, h = cfg["ids"], cfg["spans"], cfg["n"], cfg["h"]
+g = torch.Generator().manual_seed(0)
+lat = torch.randn(2, 4, h, h, generator=g)
+x1 = torch.randn(1, 4, h, h, generator=g)
+"""
+
+ORIGINAL_STEP = CHILD + r"""
+sys.path.insert(0, cfg["src"])
+from peft import LoraConfig, get_peft_model
+from OmniGen import OmniGen
+from OmniGen.processor import OmniGenCollator
+model = OmniGen.from_pretrained(cfg["model"])
+model.llm.config.use_cache = False
+# train.py calls gradient_checkpointing_enable(); its reentrant default gives a LoRA-only model no
+# gradients (frozen inputs: "element 0 of tensors does not require grad"), so use transformers'
+# own non-reentrant option, the same recompute
+model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                         target_modules=["qkv_proj", "o_proj"]))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+mllm = [{"input_ids": ids, "pixel_values": [lat[0], lat[1]], "image_sizes": spans}]
+col = OmniGenCollator(pad_token_id=cfg["pad"], hidden_size=cfg["hidden"])
+input_ids, pos, mask, padding, _, sizes = col.process_mllm_input(mllm, [[8 * h, 8 * h]])
+model.train()
+def step():  # train.py's step: training_losses (flow matching, sigmoid-normal t) + AdamW
+    x0 = torch.randn_like(x1)
+    t = torch.sigmoid(torch.randn(1))
+    xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
+    out = model(xt, t, input_ids=input_ids, input_img_latents=lat, input_image_sizes=sizes, attention_mask=mask,
+                position_ids=pos, padding_latent=padding, past_key_values=None, return_past_key_values=False)
+    loss = ((out - (x1 - x0)) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+"""
+
+OURS_STEP = CHILD + r"""
+from ditfuse.backbone import Backbone, load_transformer
+from ditfuse.conditioning import Conditioning
+from ditfuse.flow import interpolate, per_sample_mse, sample_t
+from ditfuse.lora import LoraSettings, add_lora
+tr = load_transformer(cfg["model"])
+add_lora(tr, LoraSettings(r=8, alpha=8))
+bb = Backbone(tr, gradient_checkpointing=True)
+opt = torch.optim.AdamW([p for p in tr.parameters() if p.requires_grad], lr=1e-4)
+L = torch.tensor
+seg = torch.zeros(1, len(ids), dtype=torch.long)
+for s, (a, b) in enumerate(spans):
+    seg[0, a:b] = s + 1
+cond = Conditioning(input_ids=L([ids]), pad=L([0]), segment=seg, span_row=L([0, 0]),
+                    span_start=L([a for a, _ in spans]), span_image=L([0, 1]), tokens_per_image=n,
+                    num_output_tokens=n)
+lat5 = lat[None]
+bb.train()
+def step():
+    t = sample_t(1)
+    x0 = torch.randn_like(x1)
+    loss = per_sample_mse(bb(interpolate(x0, x1, t), t, cond, lat5), x1 - x0).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+"""
+
+TIMING = r"""
+loaded = rss_mib()
+for _ in range(cfg["warmup"]):
+    step()
+cpu, wall = [], []
+for _ in range(cfg["steps"]):
+    w0, c0 = time.perf_counter(), time.process_time()
+    step()
+    cpu.append(time.process_time() - c0)
+    wall.append(time.perf_counter() - w0)
+print("RESULT " + json.dumps({"cpu_s": sorted(cpu)[len(cpu) // 2], "wall_s": sorted(wall)[len(wall) // 2],
+                              "loaded_MiB": loaded,
+                              "peak_MiB": status_mib("VmHWM")}))
+"""
+
+
+def side_by_side(a: argparse.Namespace) -> None:
+    """The original training step vs ours on the same weights and tokens, fresh processes (CPU)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vs_original import HIDDEN, ROOT, write_model
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="train_step_"))
+    model = write_model(work / "OmniGen-v1-width", a.layers or 1)
+    tok = BuiltinTokenizer()  # ids < the model's 1024-entry vocabulary
+    h = a.size // 8
+    n = (h // 2) ** 2
+    cond = build_conditioning(tok, [P.default_prompt("m3")], 2, n, n)
+    spans = [[int(s), int(s) + n] for s in cond.span_start]
+    cfg = {"src": a.original_src, "model": str(model), "ids": cond.input_ids[0].tolist(), "spans": spans, "n": n,
+           "h": h, "pad": tok.pad_token_id, "hidden": HIDDEN, "threads": a.threads,
+           "warmup": 1 if a.warmup is None else a.warmup, "steps": a.steps or 1}
+    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "OMP_NUM_THREADS": str(a.threads)}
+    codes = {"original": ([a.original_python, "-c", ORIGINAL_STEP + TIMING], env),
+             "ours": ([sys.executable, "-c", OURS_STEP + TIMING], {**env, "PYTHONPATH": str(ROOT)})}
+    runs: dict[str, list[dict]] = {k: [] for k in codes}
+    for r in range(a.rounds):
+        for name, (cmd, e) in codes.items():
+            out = subprocess.run([*cmd, json.dumps(cfg)], env=e, capture_output=True, text=True, check=False)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not lines:
+                raise SystemExit(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+            print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    med = {k: {f: statistics.median(x[f] for x in v) for f in ("cpu_s", "wall_s", "peak_MiB", "loaded_MiB")}
+           for k, v in runs.items()}
+    L = cond.seq_len
+    print(f"LoRA train step, {a.size}px, 2 inputs, L={L}, {a.layers or 1} layer(s) at hidden {HIDDEN}, fp32, "
+          f"{a.threads} threads, gradient checkpointing, median of {a.rounds} round(s), process CPU time")
+    for k, m in med.items():
+        print(f"  {k:9s} {m['cpu_s']:7.1f} s CPU/step  {L / m['cpu_s']:6.1f} tokens/s  peak {m['peak_MiB']:7.0f} MiB "
+              f"(+{m['peak_MiB'] - m['loaded_MiB']:.0f} over loaded)")
+    o, u = med["original"], med["ours"]
+    grow = lambda m: m["peak_MiB"] - m["loaded_MiB"]  # noqa: E731
+    summary = {"seq_len": L, "layers": a.layers or 1, "size": a.size, "threads": a.threads, "rounds": a.rounds,
+               "median": med, "speedup_cpu": o["cpu_s"] / u["cpu_s"], "peak_ratio": u["peak_MiB"] / o["peak_MiB"],
+               "peak_growth_ratio": grow(u) / grow(o), "runs": runs}
+    print(f"  speed-up {summary['speedup_cpu']:.2f}x; peak RSS ours/original {summary['peak_ratio']:.2f} "
+          f"(growth over loaded {summary['peak_growth_ratio']:.2f})")
+    print(json.dumps(summary))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=None, help="depth (default: 32 on GPU, 1 on CPU)")
@@ -56,7 +214,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on GPU, 1 on CPU)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--original-python", default=None, help="side by side with the original (see above)")
+    ap.add_argument("--original-src", default=None, help="DiTFuse sources: its OmniGen/ folder")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (side by side)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (side by side)")
+    ap.add_argument("--work", default=None, help="folder for the side-by-side model (kept; reused)")
     a = ap.parse_args()
+    if a.original_python:
+        if not a.original_src:
+            ap.error("--original-python needs --original-src (the DiTFuse checkout with OmniGen/)")
+        return side_by_side(a)
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

@@ -4,7 +4,8 @@ The weights live in a `diffusers.OmniGenTransformer2DModel` (so peft, diffusers 
 conversions see the standard module names). The forward is our own because diffusers' takes a
 dense float mask built on the host and recomputes the condition tokens at every step. Ours:
 
-- takes a `Conditioning` (compact) and builds the boolean mask on the compute device;
+- takes a `Conditioning` (compact) and attends by OmniGen's mask structure (`attend`): no dense
+  (B, 1, Lq, L) mask, only the condition part's own small mask and a key-pad row;
 - applies RoPE per batch row, positions and short/long factors alike (diffusers reads only row
   0's position ids and picks one factor set per batch; DESIGN.md interop);
 - checkpoints blocks when `gradient_checkpointing` is on;
@@ -28,7 +29,7 @@ from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ditfuse.conditioning import Conditioning
+from ditfuse.conditioning import AttentionMask, Conditioning
 from ditfuse.config import ModelConfig
 
 
@@ -150,7 +151,28 @@ class KVCache:
     cond: Conditioning
     cos: Tensor  # (B, 1, 1+N, hd) for the time + output tokens
     sin: Tensor
-    mask: Tensor  # (B, 1, 1+N, L) bool
+    mask: AttentionMask  # rows of the time + output tokens
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | Tensor | None, gqa: bool = False) -> Tensor:
+    """sdpa by OmniGen's mask structure: (B, H, Lq, hd) for queries q against keys/values k, v.
+
+    A Tensor (or None) mask is the dense reference path. An `AttentionMask` runs two calls: the
+    leading condition/time rows against the leading keys only (their small mask, or is_causal),
+    then the output rows against every key with at most a (B, 1, 1, L) key-pad mask, none when
+    unpadded. So no O(L^2) mask is built, the condition rows skip the output keys they may not
+    see, and unmasked calls leave sdpa free to pick its fused kernels on GPU.
+    """
+    if not isinstance(mask, AttentionMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    n, kp = mask.prefix_rows, mask.prefix_keys
+    parts = []
+    if n:
+        parts.append(F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :kp], v[:, :, :kp], attn_mask=mask.prefix,
+                                                    is_causal=mask.causal, enable_gqa=gqa))
+    if n < q.shape[2]:
+        parts.append(F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=mask.keys, enable_gqa=gqa))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 class DiTFuseBlock(OmniGenBlock):
@@ -175,7 +197,7 @@ class DiTFuseBlock(OmniGenBlock):
             return self.ditfuse_forward(h, *args)
         return super().forward(h, *args, **kwargs)
 
-    def ditfuse_forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+    def ditfuse_forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | Tensor | None,
                         past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         B, Lq, _ = h.shape
         attn = self.self_attn
@@ -187,8 +209,7 @@ class DiTFuseBlock(OmniGenBlock):
         k_all, v_all = (k, v) if past is None else past
         if past is not None:  # KVCache buffers: conditions, then this step's tokens
             k_all[:, :, -Lq:], v_all[:, :, -Lq:] = k, v
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        o = attend(q, k_all, v_all, mask, gqa=self.num_kv_heads != self.num_heads)
         o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
         h = h + o
         h = h + self.mlp(self.post_attention_layernorm(h))
@@ -217,6 +238,8 @@ class Backbone(nn.Module):
         self.head_dim = int(c.hidden_size) // self.num_heads
         self.patch_size = int(c.patch_size)
         self.gradient_checkpointing = gradient_checkpointing
+        # True: hand sdpa OmniGen's dense (B, 1, Lq, L) boolean mask (the reference path in tests)
+        self.dense_mask = False
         as_ditfuse_blocks(transformer, self.num_heads, self.num_kv_heads, self.head_dim)
 
     # -- embeddings ----------------------------------------------------------------------------
@@ -246,7 +269,7 @@ class Backbone(nn.Module):
         return tr.time_token(proj).unsqueeze(1), tr.t_embedder(proj)
 
     # -- blocks --------------------------------------------------------------------------------
-    def _run_blocks(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+    def _run_blocks(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | Tensor,
                     cache: KVCache | None = None, collect: bool = False):
         keys, values = [], []
         # Each block is called as a module (`block(...)`), never through its submodules, so
@@ -288,25 +311,42 @@ class Backbone(nn.Module):
         h = torch.cat([cond_tok, time_tok, out_tok], dim=1)  # (B, L, D)
         # 2. Positions (per row) & boolean mask on the compute device
         cos, sin = rope_cos_sin(tr.rope, cond.position_ids())
-        mask = cond.mask()  # (B, 1, L, L)
+        mask = cond.mask() if self.dense_mask else cond.attention()
         # 3. Transformer blocks
         h, _, _ = self._run_blocks(h, cos, sin, mask)
         # 4. Output norm & projection
         return self._output(h, temb, H, W)
 
+    def _condition_kv(self, cond: Conditioning, cond_latents: Tensor | None, cos: Tensor, sin: Tensor
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+        C = cond.num_condition_tokens
+        h = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        mask = cond.mask(0, C, C) if self.dense_mask else cond.attention(0, C)
+        _, keys, values = self._run_blocks(h, cos, sin, mask, collect=True)
+        return keys, values
+
     @torch.no_grad()
     def prefill(self, cond: Conditioning, cond_latents: Tensor | None) -> KVCache:
         """Run the condition tokens once; keep each layer's K/V (after RoPE)."""
-        C = cond.num_condition_tokens
-        h = self.embed_conditions(cond, cond_latents)  # (B, C, D)
+        B, C = cond.batch_size, cond.num_condition_tokens
         cos, sin = rope_cos_sin(self.transformer.rope, cond.position_ids())  # (B, 1, L, hd)
-        full = cond.mask(q_start=0)
-        _, keys, values = self._run_blocks(h, cos[:, :, :C], sin[:, :, :C], full[:, :, :C, :C], collect=True)
         tail = cos.shape[2] - C  # time + output tokens, written by each step
-        keys, values = ([torch.cat([x, x.new_empty(*x.shape[:2], tail, x.shape[3])], 2) for x in xs]
-                        for xs in (keys, values))
+        if self.dense_mask or B == 1 or not bool(cond.pad.max() > 0):
+            keys, values = self._condition_kv(cond, cond_latents, cos[:, :, :C], sin[:, :, :C])
+            keys, values = ([torch.cat([x, x.new_empty(*x.shape[:2], tail, x.shape[3])], 2) for x in xs]
+                            for xs in (keys, values))
+        else:  # rows of different lengths (guidance branches): each at its own length, so no compute
+            keys, values = [], []  # goes to left pad; zeroed pad columns keep the masked scores finite
+            for b in range(B):
+                p = int(cond.pad[b])
+                kb, vb = self._condition_kv(cond.unpadded_row(b), cond_latents, cos[b:b + 1, :, p:C],
+                                            sin[b:b + 1, :, p:C])
+                if not keys:
+                    keys, values = ([x.new_zeros(B, x.shape[1], C + tail, x.shape[3]) for x in xs] for xs in (kb, vb))
+                for buf, x in zip(keys + values, kb + vb):
+                    buf[b, :, p:C] = x[0]
         return KVCache(keys=keys, values=values, cond=cond, cos=cos[:, :, C:], sin=sin[:, :, C:],
-                       mask=cond.mask(q_start=C))
+                       mask=cond.mask(q_start=C) if self.dense_mask else cond.attention(q_start=C))
 
     def step(self, x_t: Tensor, t: Tensor, cache: KVCache) -> Tensor:
         """Velocity from the time token + output tokens only, attending to the cached K/V."""

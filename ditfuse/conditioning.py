@@ -15,8 +15,10 @@ sec. 2.1; diffusers' `OmniGenCollator.create_mask`):
 
 Memory: OmniGen's collator materialises a dense float32 (B, L, L) mask on the host (with three
 CFG branches and two 1024 px inputs, L ~ 12.4k: ~1.8 GB per pair). Here a batch keeps O(B*L)
-integers (pad lengths, span ids) and `Conditioning.mask()` expands them on the compute device
-into a boolean (B, 1, L, L) mask, the form sdpa takes (4x smaller than float, never on the host).
+integers (pad lengths, span ids). The model never builds the dense mask: `Conditioning.attention()`
+gives the structured form (`AttentionMask`: the condition/time rows' own (C+1)^2 mask, a (B, 1, 1, L)
+key-pad row for the output rows, nothing when unpadded); `Conditioning.mask()` expands the dense
+boolean (B, 1, Lq, L) mask on the compute device, the reference the structured path is tested against.
 """
 
 from __future__ import annotations
@@ -138,23 +140,77 @@ class Conditioning:
         cols = (self.span_start[:, None] + offs[None, :]).reshape(-1)
         return rows, cols
 
-    def mask(self, q_start: int = 0) -> Tensor:
-        """Boolean attention mask (B, 1, L - q_start, L); True = may attend.
+    def mask(self, q_start: int = 0, q_end: int | None = None, k_end: int | None = None) -> Tensor:
+        """Dense boolean attention mask (B, 1, q_end - q_start, k_end); True = may attend.
 
-        `q_start = C` gives only the rows of the time token and the output tokens (what one
-        KV-cached sampling step needs).
+        Defaults give every row and key (B, 1, L, L); `q_start = C` gives only the rows of the
+        time token and the output tokens (what one KV-cached sampling step needs). The model runs
+        on `attention()` instead; this dense form is the reference it is tested against.
         """
         B, C, L = self.batch_size, self.num_condition_tokens, self.seq_len
+        q_end, k_end = L if q_end is None else q_end, L if k_end is None else k_end
         dev = self.device
-        q = torch.arange(q_start, L, device=dev)[None, :, None]  # (1, Lq, 1)
-        k = torch.arange(L, device=dev)[None, None, :]  # (1, 1, L)
+        q = torch.arange(q_start, q_end, device=dev)[None, :, None]  # (1, Lq, 1)
+        k = torch.arange(k_end, device=dev)[None, None, :]  # (1, 1, Lk)
         pad = self.pad[:, None, None]  # (B, 1, 1)
         seg = torch.cat([self.segment, self.segment.new_zeros(B, 1 + self.num_output_tokens)], dim=1)
-        seg_q = seg[:, q_start:, None]  # (B, Lq, 1)
-        seg_k = seg[:, None, :]  # (B, 1, L)
+        seg_q = seg[:, q_start:q_end, None]  # (B, Lq, 1)
+        seg_k = seg[:, None, :k_end]  # (B, 1, Lk)
         allowed = (k <= q) | (q > C) | ((seg_q == seg_k) & (seg_q > 0))
         allowed = (allowed & (k >= pad)) | (q < pad)
-        return allowed[:, None]  # (B, 1, Lq, L)
+        return allowed[:, None]  # (B, 1, Lq, Lk)
+
+    def unpadded_row(self, b: int) -> Conditioning:
+        """Row b alone without its left pad (same positions and RoPE factors as in the batch; its
+        spans still index the batch's input images)."""
+        p, sel = int(self.pad[b]), self.span_row == b
+        return Conditioning(input_ids=self.input_ids[b:b + 1, p:], pad=self.pad.new_zeros(1),
+                            segment=self.segment[b:b + 1, p:], span_row=torch.zeros_like(self.span_row[sel]),
+                            span_start=self.span_start[sel] - p, span_image=self.span_image[sel],
+                            tokens_per_image=self.tokens_per_image, num_output_tokens=self.num_output_tokens)
+
+    def attention(self, q_start: int = 0, q_end: int | None = None) -> AttentionMask:
+        """OmniGen's mask in the structured form the backbone's attention takes (see
+        `AttentionMask`), for query rows [q_start, q_end) against keys [0, L) (or [0, q_end) when
+        the rows stop inside the condition tokens, as in `prefill`)."""
+        C, L = self.num_condition_tokens, self.seq_len
+        q_end = L if q_end is None else q_end
+        split = min(C + 1, q_end)  # condition rows + the time token: causal text, image spans
+        padded = bool(self.pad.max() > 0) if self.batch_size else False
+        n_pre = max(split - q_start, 0)
+        prefix, causal = None, False
+        if n_pre:
+            if self.span_row.numel() == 0 and not padded:
+                causal = q_start == 0  # plain causal; a single last row (the step's time token) sees all
+                if not causal and n_pre > 1:
+                    prefix = self.mask(q_start, split, split)
+            else:
+                prefix = self.mask(q_start, split, split)
+        keys = None
+        if padded and q_end > split:  # output rows see every real key: only left-pad columns hidden
+            keys = (torch.arange(L, device=self.device)[None, :] >= self.pad[:, None])[:, None, None]
+        return AttentionMask(prefix_rows=n_pre, prefix_keys=split, prefix=prefix, causal=causal, keys=keys)
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """OmniGen's attention rule without a dense (B, 1, Lq, L) mask.
+
+    The first `prefix_rows` query rows (condition tokens and the time token, the part with causal
+    text and bidirectional image spans) only ever see keys [0, prefix_keys): they attend to those
+    under `prefix` (B, 1, prefix_rows, prefix_keys) bool, or plainly causal (`causal`), or to all
+    of them (both unset). The remaining rows (output-image tokens) see every real key: only the
+    left-pad columns are hidden, by `keys` (B, 1, 1, L) bool, None when no row is padded.
+
+    Exact for every real row; pad rows see only the prefix keys here (the dense mask lets them see
+    everything), which changes nothing a real row reads: pad columns are hidden from real rows.
+    """
+
+    prefix_rows: int
+    prefix_keys: int
+    prefix: Tensor | None
+    causal: bool
+    keys: Tensor | None
 
 
 def build_conditioning(tokenizer, prompts: list[str], num_images: list[int] | int, tokens_per_image: int,
