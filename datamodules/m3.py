@@ -4,7 +4,7 @@ Pure torch, no Lightning. The image is tiled with square blocks of one size draw
 every block gets one operation (mask / blur / noise) and is degraded in exactly one view (50/50),
 except a configured fraction of blocks that is degraded in both views with the same kind of
 operation (official make_M3_data.py: 1/4). Per-block choices are drawn as tensors from a
-generator seeded by (seed, key), so a pair is reproducible. See ../shared/docs/SHARDS.md.
+generator seeded by (seed, key), so a pair is reproducible. See docs/SHARDS.md.
 
 Vectorised over blocks: each op runs once on all the blocks of both views that need it (masking
 and noise as batched random tensors, Gaussian/box blur as one separable filter with a kernel per

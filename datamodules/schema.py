@@ -1,4 +1,4 @@
-"""Shard schema (../shared/docs/SHARDS.md): kinds, file names per sample, tar reading, checks.
+"""Shard schema (docs/SHARDS.md): kinds, file names per sample, tar reading, checks.
 
 A shard is a WebDataset tar `{kind}-%06d.tar`; a sample is the consecutive members that share a
 key (the member path up to the first dot of its file name); the rest of the name is the field

@@ -1,7 +1,7 @@
 """Training targets: control photometric ops, the segmentation overlay, the IVIF fallback.
 
 Pure torch on images in [0, 1] of shape (..., 3, H, W), so callbacks and inference can reuse them.
-Values from ../shared/docs/PROMPTS.md (as published with DiTFuse).
+Values from docs/PROMPTS.md (as published with DiTFuse).
 """
 
 from __future__ import annotations
