@@ -36,6 +36,7 @@ import statistics
 import time
 
 import torch
+from _child import MEMORY_PROBES
 
 from ditfuse import prompts as P
 from ditfuse.backbone import Backbone, build_transformer
@@ -67,14 +68,7 @@ import torch
 cfg = json.loads(sys.argv[-1])
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(0)
-def status_mib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def rss_mib():  # resident now; and reset the peak (VmHWM), so the peak is the measured work's, not loading's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_mib("VmRSS")
+""" + MEMORY_PROBES + r"""
 ids, spans, n, h = cfg["ids"], cfg["spans"], cfg["n"], cfg["h"]
 g = torch.Generator().manual_seed(0)
 lat = torch.randn(2, 4, h, h, generator=g)

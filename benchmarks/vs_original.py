@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _child import MEMORY_PROBES
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, HEADS, MLP = 3072, 32, 8192  # OmniGen-v1 (Phi-3 mini)
@@ -46,14 +47,7 @@ import json, os, resource, sys, time
 import torch
 cfg = json.loads(sys.argv[-1])
 torch.set_num_threads(cfg["threads"])
-def status_mib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def rss_mib():  # resident now; and reset the peak (VmHWM), so the peak is the measured work's, not loading's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_mib("VmRSS")
+""" + MEMORY_PROBES + r"""
 def timed(fn):
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
