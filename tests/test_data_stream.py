@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_data_mixing import SIZE, make_shards
+from test_data_mixing import SIZE, _keys, make_shards
 
 from datamodules import DiTFuseDataModule
 from datamodules.buckets import NoBucketError, choose_bucket, make_buckets
@@ -47,10 +47,6 @@ def _dm(pattern: str, **kw) -> DiTFuseDataModule:
     dm = DiTFuseDataModule(**args)
     dm.setup("fit")
     return dm
-
-
-def _keys(batches) -> list[str]:
-    return [k for b in batches for k in b["key"]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ditfuse.inference import (
 from ditfuse.pairs import official_size, prepare_official, processor_crop, restore
 from ditfuse.sampler import SamplerSettings, euler, initial_noise
 from ditfuse.tokenizer import load_tokenizer
+from test_inference import tiny_dir  # noqa: F401  (fixture: tiny model with non-zero output layers)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_MD = ROOT.parent / "shared" / "docs" / "PROMPTS.md"  # as conftest's SHARED_IVIF
@@ -44,21 +45,6 @@ FAST = ["--steps", "1", "--device", "cpu", "--dtype", "fp32"]
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> tuple[Path, Path]:
     return write_release(tmp_path_factory.mktemp("release"))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny diffusers-layout model with non-zero output layers (a fresh init predicts zero)."""
-    from ditfuse.module import DiTFuseModule
-
-    tr = DiTFuseModule(preset="tiny").backbone.transformer
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in (*tr.norm_out.parameters(), *tr.proj_out.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tr.save_pretrained(folder / "transformer")
-    return folder
 
 
 def _write(path: Path, h: int, w: int, seed: int = 0, channels: int = 3) -> Path:
