@@ -24,7 +24,9 @@ it (OmniGen.from_pretrained, llm.gradient_checkpointing_enable(), peft LoRA r=8 
 o_proj, AdamW, TrainDataCollator's dense mask and positions, flow-matching MSE as
 train_helper/loss.py) and this project's (LoRA r=8 on to_q/to_k/to_v/to_out.0, checkpointing, the
 structured attention), on the same token ids (2 inputs + output at 512 px: 3,089 tokens), the same
-latents. It prints CPU seconds per step, tokens/s, peak RSS and its growth over the loaded model.
+latents. It prints CPU seconds per step, tokens/s, peak RSS and its growth over the loaded model; `--flops`
+adds each step's GFLOP (as in benchmarks/vs_original.py) and the largest speed-up any exact fp32
+implementation could show at this machine's matmul peak.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import statistics
 import time
 
 import torch
-from _child import MEMORY_PROBES
+from _child import FLOP_COUNT, MEMORY_PROBES, gemm_peak
 
 from ditfuse import prompts as P
 from ditfuse.backbone import Backbone, build_transformer
@@ -68,7 +70,7 @@ import torch
 cfg = json.loads(sys.argv[-1])
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(0)
-""" + MEMORY_PROBES + r"""
+""" + MEMORY_PROBES + FLOP_COUNT + r"""
 ids, spans, n, h = cfg["ids"], cfg["spans"], cfg["n"], cfg["h"]
 g = torch.Generator().manual_seed(0)
 lat = torch.randn(2, 4, h, h, generator=g)
@@ -136,6 +138,9 @@ TIMING = r"""
 loaded = rss_mib()
 for _ in range(cfg["warmup"]):
     step()
+if cfg.get("flops"):  # the counting pass: one untimed step
+    print("RESULT " + json.dumps(count_flops(step)[1]))
+    sys.exit(0)
 cpu, wall = [], []
 for _ in range(cfg["steps"]):
     w0, c0 = time.perf_counter(), time.process_time()
@@ -173,15 +178,23 @@ def side_by_side(a: argparse.Namespace) -> None:
            "OMP_NUM_THREADS": str(a.threads)}
     codes = {"original": ([a.original_python, "-c", ORIGINAL_STEP + TIMING], env),
              "ours": ([sys.executable, "-c", OURS_STEP + TIMING], {**env, "PYTHONPATH": str(ROOT)})}
+    def run(name: str, flops: bool = False) -> dict:
+        cmd, e = codes[name]
+        out = subprocess.run([*cmd, json.dumps({**cfg, "flops": flops})], env=e, capture_output=True, text=True,
+                             check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not lines:
+            raise SystemExit(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+        return json.loads(lines[-1][len("RESULT "):])
+
     runs: dict[str, list[dict]] = {k: [] for k in codes}
     for r in range(a.rounds):
-        for name, (cmd, e) in codes.items():
-            out = subprocess.run([*cmd, json.dumps(cfg)], env=e, capture_output=True, text=True, check=False)
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not lines:
-                raise SystemExit(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
-            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+        for name in codes:
+            runs[name].append(run(name))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    counted = {name: run(name, flops=True) for name in codes} if a.flops else {}
+    for name, c in counted.items():
+        print(f"FLOPs {name}: {c['gflop']:.0f} GFLOP {c['gflop_by_op']}", flush=True)
     med = {k: {f: statistics.median(x[f] for x in v) for f in ("cpu_s", "wall_s", "peak_MiB", "loaded_MiB")}
            for k, v in runs.items()}
     L = cond.seq_len
@@ -197,6 +210,19 @@ def side_by_side(a: argparse.Namespace) -> None:
                "peak_growth_ratio": grow(u) / grow(o), "runs": runs}
     print(f"  speed-up {summary['speedup_cpu']:.2f}x; peak RSS ours/original {summary['peak_ratio']:.2f} "
           f"(growth over loaded {summary['peak_growth_ratio']:.2f})")
+    if counted:
+        peak = gemm_peak(a.threads, rows=(L,), hidden=HIDDEN)
+        g = {k: c["gflop"] for k, c in counted.items()}
+        summary["flops"] = {"gflop": g, "gflop_by_op": {k: c["gflop_by_op"] for k, c in counted.items()},
+                            "gemm_peak_gflop_per_cpu_s": peak, "flop_ratio": g["original"] / g["ours"],
+                            "max_speedup_at_gemm_peak": o["cpu_s"] / (g["ours"] / peak)}
+        f = summary["flops"]
+        print("  FLOPs per step (torch FlopCounterMode: matmuls, convolutions, attention, checkpoint recomputes; "
+              "elementwise ops not counted):")
+        for k, gk in g.items():
+            print(f"    {k:9s} {gk:7.0f} GFLOP  {gk / med[k]['cpu_s']:6.1f} GFLOP per CPU-s")
+        print(f"    this machine's fp32 matmul peak: {peak:.1f} GFLOP per CPU-s; FLOP ratio {f['flop_ratio']:.2f}x; "
+              f"at most {f['max_speedup_at_gemm_peak']:.2f}x if ours ran every FLOP at that peak")
     print(json.dumps(summary))
 
 
@@ -213,6 +239,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (side by side)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (side by side)")
     ap.add_argument("--work", default=None, help="folder for the side-by-side model (kept; reused)")
+    ap.add_argument("--flops", action="store_true", help="side by side: also one untimed step per code under "
+                    "torch's FlopCounterMode, and the largest speed-up possible at this machine's matmul peak")
     a = ap.parse_args()
     if a.original_python:
         if not a.original_src:

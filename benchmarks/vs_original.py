@@ -1,7 +1,7 @@
 """Sampling speed against the original OmniGen/DiTFuse code, same random weights, side by side.
 
     PYTHONPATH=$PWD python benchmarks/vs_original.py --original-python /tmp/venv45/bin/python \
-        --original-src /path/to/DiTFuse [--layers 1] [--rounds 1] [--steps 10] [--size 256]
+        --original-src /path/to/DiTFuse [--layers 1] [--rounds 1] [--steps 10] [--size 256] [--flops]
 
 Builds one random model of OmniGen-v1 width (hidden 3072, 32 heads, MLP 8192, Phi-3 "su" RoPE
 with OmniGen-v1's 4096-position switch; `--layers` deep, vocabulary cut to the stand-in
@@ -21,7 +21,11 @@ seed 0, fp32, in fresh processes, interleaved round by round:
 Per job: process CPU time of the fuse call (wall too), peak RSS during it (VmHWM, reset after
 loading) and RSS after loading, so `peak - loaded` is the sampling working set. Ratios are of median CPU times. The
 agreement check compares the written 8-bit images with `orig_test_py` (the original's cache is
-not exact: issue 11). The last line is a JSON object with every figure. The original needs its
+not exact: issue 11). `--flops` adds one untimed pass per job under torch's FlopCounterMode and
+this machine's fp32 matmul peak (benchmarks/_child.py `gemm_peak`): the GFLOP each code runs, its
+GFLOP per CPU-second, and the largest speed-up ours could show if it ran every FLOP at that peak
+(FLOP count / peak is the least CPU time of any exact fp32 implementation of the same arithmetic).
+The last line is a JSON object with every figure. The original needs its
 transformers 4.45-era pins: benchmarks/setup_original_env.sh makes that venv.
 """
 
@@ -37,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _child import MEMORY_PROBES
+from _child import FLOP_COUNT, MEMORY_PROBES, gemm_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, HEADS, MLP = 3072, 32, 8192  # OmniGen-v1 (Phi-3 mini)
@@ -47,8 +51,10 @@ import json, os, resource, sys, time
 import torch
 cfg = json.loads(sys.argv[-1])
 torch.set_num_threads(cfg["threads"])
-""" + MEMORY_PROBES + r"""
+""" + MEMORY_PROBES + FLOP_COUNT + r"""
 def timed(fn):
+    if cfg.get("flops"):  # the counting pass: not timed
+        return count_flops(fn)
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}
@@ -135,9 +141,9 @@ def write_model(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run_job(name: str, args, base: dict, work: Path) -> dict:
+def run_job(name: str, args, base: dict, work: Path, flops: bool = False) -> dict:
     code, extra = JOBS[name]
-    cfg = {**base, **extra, "out": str(work / f"{name}.png")}
+    cfg = {**base, **extra, "flops": flops, "out": str(work / (f"{name}_flops.png" if flops else f"{name}.png"))}
     env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "OMP_NUM_THREADS": str(args.threads), "HOME": os.environ.get("HOME", "/tmp")}
     if code == "original":
@@ -172,6 +178,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", default=",".join(JOBS), help=f"subset of {','.join(JOBS)}")
     p.add_argument("--work", default=None, help="folder for the model and images (kept; reused)")
+    p.add_argument("--flops", action="store_true",
+                   help="also one untimed pass per job under torch's FlopCounterMode: the matmul and attention "
+                        "GFLOP each code runs, so a speed-up reads as fewer FLOPs or more FLOP/s")
     args = p.parse_args()
     names = args.jobs.split(",")
     if unknown := [n for n in names if n not in JOBS]:
@@ -193,6 +202,9 @@ def main() -> None:
         for n in names:
             runs[n].append(run_job(n, args, base, work))
             print(f"round {r + 1} {n}: {runs[n][-1]}", flush=True)
+    counted = {n: run_job(n, args, base, work, flops=True) for n in names} if args.flops else {}
+    for n, c in counted.items():
+        print(f"FLOPs {n}: {c['gflop']:.0f} GFLOP {c['gflop_by_op']}", flush=True)
     med = {n: {k: statistics.median(x[k] for x in v) for k in ("cpu_s", "wall_s", "peak_MiB", "loaded_MiB")}
            for n, v in runs.items()}
     ratios = {f"{o}/{u}": med[o]["cpu_s"] / med[u]["cpu_s"] for o in names if o.startswith("orig")
@@ -209,8 +221,23 @@ def main() -> None:
         print(f"  speed-up {k}: {v:.2f}x")
     for n, v in agree.items():
         print(f"  agreement {n} vs {ref}: {v}")
+    flop = {}
+    if counted:
+        peak = gemm_peak(args.threads, hidden=HIDDEN, mlp=MLP)
+        flop = {"gemm_peak_gflop_per_cpu_s": peak, "gflop": {n: c["gflop"] for n, c in counted.items()},
+                "gflop_per_cpu_s": {n: counted[n]["gflop"] / med[n]["cpu_s"] for n in names},
+                "flop_ratio": {k: counted[k.split("/")[0]]["gflop"] / counted[k.split("/")[1]]["gflop"] for k in ratios}}
+        print("  FLOPs (torch FlopCounterMode: matmuls, convolutions, attention; elementwise ops not counted):")
+        for n in names:
+            print(f"    {n:20s} {flop['gflop'][n]:8.0f} GFLOP  {flop['gflop_per_cpu_s'][n]:6.1f} GFLOP per CPU-s")
+        flop["max_speedup_at_gemm_peak"] = {k: med[k.split("/")[0]]["cpu_s"] / (flop["gflop"][k.split("/")[1]] / peak)
+                                            for k in ratios}
+        print(f"    this machine's fp32 matmul peak: {peak:.1f} GFLOP per CPU-s ({args.threads} threads)")
+        for k, v in flop["flop_ratio"].items():
+            print(f"    {k}: FLOP ratio {v:.2f}x (the speed-up at equal GFLOP per CPU-s; measured {ratios[k]:.2f}x); "
+                  f"at most {flop['max_speedup_at_gemm_peak'][k]:.2f}x if ours ran every FLOP at the matmul peak")
     print(json.dumps({"layers": args.layers, "size": args.size, "steps": args.steps, "rounds": args.rounds,
-                      "threads": args.threads, "median": med, "cpu_ratio": ratios, "agreement": agree, "runs": runs}))
+                      "threads": args.threads, "median": med, "cpu_ratio": ratios, "agreement": agree, "flops": flop, "runs": runs}))
 
 
 if __name__ == "__main__":
