@@ -8,7 +8,8 @@ dense float mask built on the host and recomputes the condition tokens at every 
   (B, 1, Lq, L) mask, only the condition part's own small mask and a key-pad row;
 - applies RoPE per batch row, positions and short/long factors alike (diffusers reads only row
   0's position ids and picks one factor set per batch; DESIGN.md interop);
-- checkpoints blocks when `gradient_checkpointing` is on;
+- checkpoints blocks when `gradient_checkpointing` is on (all but the last, whose recompute
+  would free nothing), and keeps only the gate_up projection for the SwiGLU MLP's backward;
 - calls each block as a module (`DiTFuseBlock`), so FSDP units and checkpoint wrappers around the
   blocks run (docs/scaling.md, what is exact under DDP/FSDP);
 - splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
@@ -130,11 +131,44 @@ def rope_cos_sin(rope: nn.Module, position_ids: Tensor) -> tuple[Tensor, Tensor]
     return (emb.cos() * factor)[:, None], (emb.sin() * factor)[:, None]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, L, hd); halves rotation (diffusers `use_real_unbind_dim=-2`)."""
+def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, hd); halves rotation (diffusers `use_real_unbind_dim=-2`), in float32.
+    (Autograd keeps only cos/sin here: the products save x only when cos/sin need gradients.)"""
+    return (x.float() * cos + _rotate_half(x).float() * sin).to(x.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of the fused gate_up projection, keeping only that projection's output for
+    backward (plain autograd also keeps silu(gate): half the projection's size per recomputed
+    block) and recomputing the sigmoid there, with the formula of torch's silu backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        d_up = grad * (gate * sig)
+        d_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return torch.cat([d_gate, d_up], dim=-1)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """OmniGen's (Phi-3's) MLP activation: silu of the first half times the second half."""
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # in place on silu's fresh output: one allocation fewer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +246,8 @@ class DiTFuseBlock(OmniGenBlock):
         o = attend(q, k_all, v_all, mask, gqa=self.num_kv_heads != self.num_heads)
         o = attn.to_out[0](o.transpose(1, 2).reshape(B, Lq, -1))
         h = h + o
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        mlp = self.mlp
+        h = h + mlp.down_proj(swiglu(mlp.gate_up_proj(self.post_attention_layernorm(h))))
         return h, k, v
 
 
@@ -275,9 +310,12 @@ class Backbone(nn.Module):
         # Each block is called as a module (`block(...)`), never through its submodules, so
         # whatever wraps it (an FSDP unit gathering its shards, fully_shard's hooks, Lightning's
         # activation-checkpoint wrapper) runs around the block computation.
+        last = len(self.transformer.layers) - 1
         for i, block in enumerate(self.transformer.layers):
             past = None if cache is None else (cache.keys[i], cache.values[i])
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            # The last block is never checkpointed: its backward comes right after the forward, so
+            # a recompute would rebuild the very activations it drops, for no lower peak.
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i < last:
                 h, k, v = checkpoint(block, h, cos, sin, mask, past, use_reentrant=False)
             else:
                 h, k, v = block(h, cos, sin, mask, past)
@@ -290,7 +328,7 @@ class Backbone(nn.Module):
         """Final norm + adaLN + projection of the last N tokens, unpatchified to (B, c, h, w)."""
         tr, p = self.transformer, self.patch_size
         N = (height // p) * (width // p)
-        h = tr.norm(h)[:, -N:]
+        h = tr.norm(h[:, -N:])  # per-token norm: only the output rows are read (and kept for backward)
         h = tr.proj_out(tr.norm_out(h, temb=temb))  # (B, N, p*p*c)
         B = h.shape[0]
         h = h.reshape(B, height // p, width // p, p, p, -1)
