@@ -26,7 +26,10 @@ train_helper/loss.py) and this project's (LoRA r=8 on to_q/to_k/to_v/to_out.0, c
 structured attention), on the same token ids (2 inputs + output at 512 px: 3,089 tokens), the same
 latents. It prints CPU seconds per step, tokens/s, peak RSS and its growth over the loaded model; `--flops`
 adds each step's GFLOP (as in benchmarks/vs_original.py) and the largest speed-up any exact fp32
-implementation could show at this machine's matmul peak.
+implementation could show at this machine's matmul peak. Ours never recomputes the last block (its
+backward follows at once), the original checkpoints every decoder layer: one block forward per
+step, which is a third of the work at 1 layer and 1/(3 x depth) of it at depth, so compare
+`--layers 1` with `--layers 2` before reading a 1-layer ratio as the full model's.
 """
 
 from __future__ import annotations
