@@ -131,15 +131,12 @@ def rope_cos_sin(rope: nn.Module, position_ids: Tensor) -> tuple[Tensor, Tensor]
     return (emb.cos() * factor)[:, None], (emb.sin() * factor)[:, None]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x (B, H, L, hd); halves rotation (diffusers `use_real_unbind_dim=-2`), in float32.
     (Autograd keeps only cos/sin here: the products save x only when cos/sin need gradients.)"""
-    return (x.float() * cos + _rotate_half(x).float() * sin).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -314,7 +311,8 @@ class Backbone(nn.Module):
         for i, block in enumerate(self.transformer.layers):
             past = None if cache is None else (cache.keys[i], cache.values[i])
             # The last block is never checkpointed: its backward comes right after the forward, so
-            # a recompute would rebuild the very activations it drops, for no lower peak.
+            # a recompute would rebuild the very activations it drops (the same live tensors at
+            # the backward; docs/performance.md has the measured RSS).
             if self.gradient_checkpointing and torch.is_grad_enabled() and i < last:
                 h, k, v = checkpoint(block, h, cos, sin, mask, past, use_reentrant=False)
             else:
