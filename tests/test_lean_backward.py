@@ -54,7 +54,7 @@ def test_swiglu_node_equals_autograd_and_drops_silu_output():
     for fn in (swiglu, plain):
         leaf = gu.clone().requires_grad_(True)
         base = leaf * 1.0
-        out, saved = _saved_bytes(lambda fn=fn: fn(base))
+        out, saved = _saved_bytes(lambda fn=fn, base=base: fn(base))
         (out * up).sum().backward()
         res.append((out.detach(), leaf.grad, saved))
     (o1, g1, s1), (o2, g2, s2) = res
