@@ -193,33 +193,38 @@ def side_by_side(module, data: dict, pairs: int, size: int, default, fast) -> di
 
 
 def plot(rows: list[dict], ref: dict, path: str) -> None:
+    """Top: PSNR to the target per set; bottom: mean |difference| to the fine ODE solution."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SETS), figsize=(12, 4.5))
-    for ax, name in zip(axes, SETS):
+    fig, axes = plt.subplots(2, len(SETS), figsize=(12, 8), sharex=True)
+    for col, name in enumerate(SETS):
         families: dict[str, list] = {}
         for r in rows:
-            families.setdefault(r["family"], []).append((r["nfe"], r["sets"][name]["psnr"]))
+            x = r["sets"][name]
+            families.setdefault(r["family"], []).append((r["nfe"], x["psnr"], max(x["mean_fine"], 1e-6)))
         for fam, pts in families.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=fam,
-                    lw=2.5 if fam == "euler" else 1, color="k" if fam == "euler" else None)
+            style = {"lw": 2.5, "color": "k"} if fam == "euler" else {"lw": 1}
+            for row, k in ((0, 1), (1, 2)):
+                axes[row, col].plot([p[0] for p in pts], [p[k] for p in pts], marker="o", ms=3, label=fam, **style)
         y = ref["sets"][name]["psnr"]
-        ax.axhline(y, color="k", ls="--", lw=0.8)
-        ax.axhspan(y - 0.1, y + 0.1, color="k", alpha=0.08)
-        ax.axvline(50, color="gray", ls=":", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("transformer evaluations per image (NFE; 50-step Euler dual CFG = 150)")
-        ax.set_ylabel(f"{name}: PSNR to target (dB)")
-        ax.set_title(f"held-out demo {name}: dashed = 50-step Euler reference (band +-0.1 dB)")
-        ax.title.set_fontsize(9)
-    axes[-1].legend(fontsize=6, ncol=2)
+        axes[0, col].axhline(y, color="k", ls="--", lw=0.8)
+        axes[0, col].axhspan(y - 0.1, y + 0.1, color="k", alpha=0.08)
+        axes[0, col].set_ylabel(f"{name}: PSNR to target (dB)")
+        axes[0, col].set_title(f"held-out demo {name}; dashed: 50-step Euler reference, band +-0.1 dB", fontsize=9)
+        axes[1, col].set_yscale("log")
+        axes[1, col].set_ylabel(f"{name}: mean |output - fine ODE solution|")
+        axes[1, col].set_xlabel("transformer evaluations per image (NFE; 50-step Euler dual CFG = 150)")
+        for row in (0, 1):
+            axes[row, col].axvline(50, color="gray", ls=":", lw=0.8)
+            axes[row, col].set_xscale("log")
+    axes[0, -1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"plot: {path}")
 
 
