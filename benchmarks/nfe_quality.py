@@ -10,7 +10,7 @@ each image under --seeds initial noises. Guidance is on, as `ditfuse fuse` runs 
 2.5 / 1.6, three branches). For every setting the table gives the transformer evaluations of one
 branch of one image (NFE: 50 Euler steps x 3 branches = 150), seconds per image (all images in
 one batch), PSNR / SSIM to the target per set, and the max / mean |difference| (pixels in [0, 1])
-to the 50-step Euler dual-CFG reference and to a fine ODE solution (--fine-steps Euler steps).
+to the 50-step Euler dual-CFG reference and to a fine ODE solution (--fine-steps Heun steps).
 Plain Euler appears at the NFE of every other method, so what a method adds at equal evaluations
 is visible. Then: the goals (fast <= 50 NFE within 0.1 dB of the reference on both sets, a <= 30
 NFE setting within 0.3 dB) and the per-image time of `fast` against today's default, measured
@@ -41,20 +41,16 @@ GUIDANCE = (2.5, 1.6)  # ditfuse fuse / OmniGen pipeline defaults
 
 def grid() -> list[tuple[str, str, dict]]:
     """(family, label, sampler settings): one plot line per family. Plain Euler at the NFE of each
-    other method (48, 30, 24, 18, 15): 3 branches x steps."""
-    g = [("euler", f"euler {n}", {"steps": n}) for n in (25, 16, 10, 8, 6, 5)]
-    g += [("heun", f"heun {n}", {"solver": "heun", "steps": n}) for n in (8, 5, 3)]
-    g += [("midpoint", f"midpoint {n}", {"solver": "midpoint", "steps": n}) for n in (8, 5)]
-    g += [("dpm++2m", f"dpm++2m {n}", {"solver": "dpm++2m", "steps": n}) for n in (16, 10, 8, 5)]
-    g += [("unipc", f"unipc {n}", {"solver": "unipc", "steps": n}) for n in (16, 10, 8, 5)]
-    g += [(f"dpm++2m shift {s}", f"dpm++2m 10 shift {s}",
-           {"solver": "dpm++2m", "steps": 10, "schedule": "shifted", "shift": s}) for s in (0.5, 2.0)]
-    for lo, hi in ((0.0, 0.5), (0.2, 0.8), (0.5, 1.0)):
-        g += [(f"cfg[{lo},{hi}]", f"euler 25 cfg[{lo},{hi}]", {"steps": 25, "guidance_interval": [lo, hi]}),
-              (f"cfg[{lo},{hi}]", f"dpm++2m 16 cfg[{lo},{hi}]",
-               {"solver": "dpm++2m", "steps": 16, "guidance_interval": [lo, hi]})]
-    g += [("cache", f"euler 50 cache {c}", {"steps": 50, "cache_threshold": c}) for c in (0.05, 0.1, 0.2)]
-    g += [("cache", "dpm++2m 16 cache 0.1", {"solver": "dpm++2m", "steps": 16, "cache_threshold": 0.1})]
+    other method (48, 30, 15 = 3 branches x steps)."""
+    g = [("euler", f"euler {n}", {"steps": n}) for n in (16, 10, 5)]
+    g += [("heun", f"heun {n}", {"solver": "heun", "steps": n}) for n in (8, 5)]
+    g += [("midpoint", "midpoint 8", {"solver": "midpoint", "steps": 8})]
+    g += [("dpm++2m", f"dpm++2m {n}", {"solver": "dpm++2m", "steps": n}) for n in (16, 10, 5)]
+    g += [("unipc", f"unipc {n}", {"solver": "unipc", "steps": n}) for n in (16, 10, 5)]
+    g += [("dpm++2m cfg-interval", f"dpm++2m 16 cfg[{lo},{hi}]",
+           {"solver": "dpm++2m", "steps": 16, "guidance_interval": [lo, hi]}) for lo, hi in ((0.2, 0.8), (0.5, 1.0))]
+    g += [("step cache", "euler 50 cache 0.1", {"steps": 50, "cache_threshold": 0.1}),
+          ("step cache", "dpm++2m 16 cache 0.1", {"solver": "dpm++2m", "steps": 16, "cache_threshold": 0.1})]
     return g
 
 
@@ -63,13 +59,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="a `ditfuse fit --config configs/demo.yaml` checkpoint (default: train one)")
     p.add_argument("--train-steps", type=int, default=600, help="steps of the demo run made without --checkpoint")
     p.add_argument("--demo-dir", default=None, help="the demo shards (default: the config's data.demo_dir)")
-    p.add_argument("--seeds", type=int, default=2, help="initial noises per held-out image")
-    p.add_argument("--fine-steps", type=int, default=200, help="Euler steps of the fine ODE solution")
+    p.add_argument("--seeds", type=int, default=1, help="initial noises per held-out image")
+    p.add_argument("--fine-steps", type=int, default=25, help="Heun steps of the fine ODE solution (2nd order; "
+                   "2 x 3 x 25 = 150 NFE)")
+    p.add_argument("--fusion-per-task", type=int, default=0, help="held-out ivif / mff / mef samples per task "
+                   "(0: all 8 of the demo); M3 keeps all 8")
     p.add_argument("--timing-pairs", type=int, default=8, help="pairs in the side-by-side timing")
     p.add_argument("--timing-size", type=int, default=32, help="side of the timed pairs (px; the demo's)")
+    p.add_argument("--no-grid", action="store_true", help="only the reference, the fine solution and the fast "
+                   "preset (the goals and the timing after changing FAST_PRESET)")
     p.add_argument("--plot", help="write the quality-vs-evaluations plot here (PNG)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wide-layers", type=int, default=0, help="also time default vs fast side by side on a "
+                   "random-init model of OmniGen-v1 width (hidden 3072, 32 heads, MLP 8192) with this many "
+                   "layers, pixel codec, --wide-pairs pairs at --timing-size (0: skip)")
+    p.add_argument("--wide-pairs", type=int, default=2)
     return p.parse_args(argv)
 
 
@@ -82,7 +87,7 @@ def train_demo(steps: int, root: Path) -> Path:
     return max(root.rglob("last.ckpt"), key=lambda f: f.stat().st_mtime)
 
 
-def held_out(demo_dir: str | None) -> dict[str, dict]:
+def held_out(demo_dir: str | None, fusion_per_task: int = 0) -> dict[str, dict]:
     """The demo validation samples per set: prompts, images (n, 2, 3, h, w), targets (n, 3, h, w)."""
     from datamodules.datamodule import DiTFuseDataModule
 
@@ -94,8 +99,12 @@ def held_out(demo_dir: str | None) -> dict[str, dict]:
     dm.prepare_data()
     dm.setup("validate")
     rows = {name: {"prompt": [], "images": [], "target": [], "key": []} for name in SETS}
+    taken: dict[str, int] = {}
     for batch in dm.val_dataloader():
         for i, task in enumerate(batch["task"]):
+            taken[task] = taken.get(task, 0) + 1
+            if fusion_per_task and task in SETS["fusion"] and taken[task] > fusion_per_task:
+                continue
             for name, tasks in SETS.items():
                 if task in tasks:
                     for k in ("prompt", "key"):
@@ -192,6 +201,16 @@ def side_by_side(module, data: dict, pairs: int, size: int, default, fast) -> di
             "speedup": med["default"] / med["fast"]}
 
 
+def wide_model(layers: int):
+    """Random-init tiny preset at OmniGen-v1's width (docs: ditfuse/config.py _OMNIGEN_V1), pixel codec:
+    the time of a transformer evaluation at the real width, without the SDXL VAE."""
+    from ditfuse.module import DiTFuseModule
+
+    shape = {"hidden_size": 3072, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8192,
+             "num_layers": layers}
+    return DiTFuseModule(preset="tiny", model_overrides=shape).eval().requires_grad_(False)
+
+
 def plot(rows: list[dict], ref: dict, path: str) -> None:
     """Top: PSNR to the target per set; bottom: mean |difference| to the fine ODE solution."""
     import matplotlib
@@ -256,13 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is None:
         ckpt = str(train_demo(args.train_steps, Path(tempfile.mkdtemp(prefix="nfe_quality_"))))
     module = load_module(checkpoint=ckpt, warn=lambda m: print("warning:", m))
-    sets = {name: repeat_seeds(d, args.seeds) for name, d in held_out(args.demo_dir).items()}
+    sets = {name: repeat_seeds(d, args.seeds) for name, d in held_out(args.demo_dir, args.fusion_per_task).items()}
     print(f"checkpoint {ckpt}; held out: " + ", ".join(f"{n} {len(d['prompt'])} rows" for n, d in sets.items())
           + f" ({args.seeds} seeds each); guidance {GUIDANCE[0]} / {GUIDANCE[1]}; threads {args.threads}",
           flush=True)
     base = SamplerSettings(guidance_scale=GUIDANCE[0], img_guidance_scale=GUIDANCE[1])
-    fine, fine_outs = run_setting(module, sets, replace(base, steps=args.fine_steps), "fine",
-                                  f"euler {args.fine_steps} (fine)", {"steps": args.fine_steps})
+    fine_kw = {"solver": "heun", "steps": args.fine_steps}
+    fine, fine_outs = run_setting(module, sets, replace(base, **fine_kw), "fine", f"heun {args.fine_steps} (fine)",
+                                  fine_kw)
     ref, ref_outs = run_setting(module, sets, base, "euler", "euler 50 (reference)", {"steps": 50})
     for row, outs in ((fine, fine_outs), (ref, ref_outs)):
         add_diffs(row, outs, ref_outs, "ref")
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(fmt_row(r), flush=True)
     fast_kw = dict(FAST_PRESET)
-    for family, label, kw in [*grid(), ("fast", "fast (preset)", fast_kw)]:
+    for family, label, kw in [*([] if args.no_grid else grid()), ("fast", "fast (preset)", fast_kw)]:
         row, outs = run_setting(module, sets, replace(base, **kw), family, label, kw)
         add_diffs(row, outs, ref_outs, "ref")
         add_diffs(row, outs, fine_outs, "fine")
@@ -282,10 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     timing = side_by_side(module, sets["fusion"], args.timing_pairs, args.timing_size, base, fast_settings)
     for line in goals(rows[1:], ref, "fast (preset)", timing):
         print(line)
+    wide = None
+    if args.wide_layers:
+        wide = side_by_side(wide_model(args.wide_layers), sets["fusion"], args.wide_pairs, args.timing_size, base,
+                            fast_settings)
+        print(f"OmniGen-v1 width, {args.wide_layers} layer(s), random weights, {wide['pairs']} pairs at "
+              f"{wide['size']} px: {wide['s_default']:.2f} s default vs {wide['s_fast']:.2f} s fast = "
+              f"{wide['speedup']:.2f}x")
     if args.plot:
         plot(rows[1:], ref, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": ckpt, "rows": rows, "timing": timing}, indent=1))
+        Path(args.json).write_text(json.dumps({"checkpoint": ckpt, "rows": rows, "timing": timing, "wide": wide}, indent=1))
     return 0
 
 

@@ -102,7 +102,7 @@ class SamplerSettings:
 
 # `sampler.preset: fast` / `ditfuse fuse --fast`: chosen by benchmarks/nfe_quality.py on the trained
 # demo model (docs/performance.md, "Fewer evaluations"); guidance scales and seed stay the user's.
-FAST_PRESET: dict = {"solver": "euler", "steps": 16, "schedule": "uniform", "shift": 1.0,
+FAST_PRESET: dict = {"solver": "dpm++2m", "steps": 16, "schedule": "uniform", "shift": 1.0,
                      "guidance_interval": [0.0, 1.0], "cache_threshold": None}
 PRESETS: dict[str, dict] = {"fast": FAST_PRESET}
 
