@@ -41,16 +41,22 @@ GUIDANCE = (2.5, 1.6)  # ditfuse fuse / OmniGen pipeline defaults
 
 def grid() -> list[tuple[str, str, dict]]:
     """(family, label, sampler settings): one plot line per family. Plain Euler at the NFE of each
-    other method (48, 30, 15 = 3 branches x steps)."""
-    g = [("euler", f"euler {n}", {"steps": n}) for n in (16, 10, 5)]
-    g += [("heun", f"heun {n}", {"solver": "heun", "steps": n}) for n in (8, 5)]
-    g += [("midpoint", "midpoint 8", {"solver": "midpoint", "steps": 8})]
-    g += [("dpm++2m", f"dpm++2m {n}", {"solver": "dpm++2m", "steps": n}) for n in (16, 10, 5)]
-    g += [("unipc", f"unipc {n}", {"solver": "unipc", "steps": n}) for n in (16, 10, 5)]
-    g += [("dpm++2m cfg-interval", f"dpm++2m 16 cfg[{lo},{hi}]",
-           {"solver": "dpm++2m", "steps": 16, "guidance_interval": [lo, hi]}) for lo, hi in ((0.2, 0.8), (0.5, 1.0))]
-    g += [("step cache", "euler 50 cache 0.1", {"steps": 50, "cache_threshold": 0.1}),
-          ("step cache", "dpm++2m 16 cache 0.1", {"solver": "dpm++2m", "steps": 16, "cache_threshold": 0.1})]
+    other method (48, 30, 24, 18, 15 = 3 branches x steps)."""
+    g = [("euler", f"euler {n}", {"steps": n}) for n in (25, 16, 10, 8, 6, 5)]
+    g += [("heun", f"heun {n}", {"solver": "heun", "steps": n}) for n in (8, 5, 3)]
+    g += [("midpoint", f"midpoint {n}", {"solver": "midpoint", "steps": n}) for n in (8, 5)]
+    g += [("dpm++2m", f"dpm++2m {n}", {"solver": "dpm++2m", "steps": n}) for n in (16, 10, 8, 6, 5)]
+    g += [("unipc", f"unipc {n}", {"solver": "unipc", "steps": n}) for n in (16, 10, 8, 6, 5)]
+    g += [(f"dpm++2m shift {s}", f"dpm++2m {n} shift {s}",
+           {"solver": "dpm++2m", "steps": n, "schedule": "shifted", "shift": s}) for s in (0.5, 2.0) for n in (16, 8)]
+    for lo, hi in ((0.2, 0.8), (0.5, 1.0), (0.0, 0.5)):
+        g += [(f"dpm++2m cfg[{lo},{hi}]", f"dpm++2m {n} cfg[{lo},{hi}]",
+               {"solver": "dpm++2m", "steps": n, "guidance_interval": [lo, hi]}) for n in (16, 10)]
+        g += [(f"euler cfg[{lo},{hi}]", f"euler {n} cfg[{lo},{hi}]", {"steps": n, "guidance_interval": [lo, hi]})
+              for n in (50, 16)]
+    g += [("euler 50 cache", f"euler 50 cache {c}", {"steps": 50, "cache_threshold": c}) for c in (0.05, 0.1, 0.2, 0.4)]
+    g += [("dpm++2m 16 cache", f"dpm++2m 16 cache {c}", {"solver": "dpm++2m", "steps": 16, "cache_threshold": c})
+          for c in (0.05, 0.1, 0.2)]
     return g
 
 
@@ -60,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=600, help="steps of the demo run made without --checkpoint")
     p.add_argument("--demo-dir", default=None, help="the demo shards (default: the config's data.demo_dir)")
     p.add_argument("--seeds", type=int, default=1, help="initial noises per held-out image")
-    p.add_argument("--fine-steps", type=int, default=25, help="Heun steps of the fine ODE solution (2nd order; "
-                   "2 x 3 x 25 = 150 NFE)")
+    p.add_argument("--fine-steps", type=int, default=50, help="Heun steps of the fine ODE solution (2nd order; "
+                   "2 x 3 x 50 = 300 NFE)")
     p.add_argument("--fusion-per-task", type=int, default=0, help="held-out ivif / mff / mef samples per task "
                    "(0: all 8 of the demo); M3 keeps all 8")
     p.add_argument("--timing-pairs", type=int, default=8, help="pairs in the side-by-side timing")
