@@ -23,7 +23,9 @@ does take sigmas, so unipc is diffusers' (sigma = 1 - t, model output = noise - 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -63,7 +65,7 @@ def euler(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
     """x <- x + (t_next - t) v(x, t) in float32 (the same operations as ditfuse.sampler.euler)."""
     ts_list = ts.tolist()
     x = x0
-    for t_cur, t_next in zip(ts_list[:-1], ts_list[1:]):
+    for t_cur, t_next in pairwise(ts_list):
         x = x + (t_next - t_cur) * velocity(x, _full(x, t_cur)).float()
     return x
 
@@ -71,7 +73,7 @@ def euler(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
 def heun(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
     ts_list = ts.tolist()
     x = x0
-    for t_cur, t_next in zip(ts_list[:-1], ts_list[1:]):
+    for t_cur, t_next in pairwise(ts_list):
         h = t_next - t_cur
         d1 = velocity(x, _full(x, t_cur)).float()
         d2 = velocity(x + h * d1, _full(x, t_next)).float()
@@ -82,7 +84,7 @@ def heun(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
 def midpoint(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
     ts_list = ts.tolist()
     x = x0
-    for t_cur, t_next in zip(ts_list[:-1], ts_list[1:]):
+    for t_cur, t_next in pairwise(ts_list):
         h = t_next - t_cur
         d1 = velocity(x, _full(x, t_cur)).float()
         x = x + h * velocity(x + 0.5 * h * d1, _full(x, t_cur + 0.5 * h)).float()
@@ -102,7 +104,7 @@ def dpmpp_2m(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
     ts_list = ts.tolist()
     x, d_prev, h_prev = x0, None, None
     n = len(ts_list) - 1
-    for i, (t_cur, t_next) in enumerate(zip(ts_list[:-1], ts_list[1:])):
+    for i, (t_cur, t_next) in enumerate(pairwise(ts_list)):
         d = x + (1 - t_cur) * velocity(x, _full(x, t_cur)).float()
         h = _lam(t_next) - _lam(t_cur)
         d_h = d
@@ -142,5 +144,5 @@ def solve(velocity: VelocityFn, x0: Tensor, ts: Tensor, solver: str = "euler") -
     return _SOLVE[solver](velocity, x0.float(), ts)
 
 
-__all__ = ["SOLVERS", "SCHEDULES", "EVALS_PER_STEP", "time_grid", "solve", "euler", "heun", "midpoint",
-           "dpmpp_2m", "unipc"]
+__all__ = ["EVALS_PER_STEP", "SCHEDULES", "SOLVERS", "dpmpp_2m", "euler", "heun", "midpoint", "solve", "time_grid",
+           "unipc"]

@@ -5,6 +5,7 @@ their neutral settings; KV-cached and uncached sampling agree for every solver."
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ import torch
 from ditfuse import prompts as P
 from ditfuse.backbone import Backbone, build_transformer
 from ditfuse.config import ModelConfig
-from ditfuse.sampler import FAST_PRESET, GuidedVelocity, SamplerSettings, initial_noise, sample_latents
+from ditfuse.sampler import (
+    FAST_PRESET,
+    GuidedVelocity,
+    SamplerSettings,
+    initial_noise,
+    sample_latents,
+)
 from ditfuse.solvers import EVALS_PER_STEP, SOLVERS, solve, time_grid
 from ditfuse.tokenizer import BuiltinTokenizer
 
@@ -93,7 +100,7 @@ def test_default_sampler_is_the_plain_euler_loop(setup):
     v = GuidedVelocity(bb, tok, prompts, lat, (8, 8), 2.0, 1.5)
     x = initial_noise((2, 12, 8, 8), 3, "cpu")
     ts = torch.linspace(0, 1, 5).tolist()
-    for a, b in zip(ts[:-1], ts[1:]):
+    for a, b in pairwise(ts):
         x = x + (b - a) * v(x, torch.full((2,), a))
     out, nfe = _sample(setup)
     assert torch.equal(out, x) and nfe == 4 * 3
