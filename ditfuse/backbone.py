@@ -20,7 +20,7 @@ dense float mask built on the host and recomputes the condition tokens at every 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,16 @@ class KVCache:
     cos: Tensor  # (B, 1, 1+N, hd) for the time + output tokens
     sin: Tensor
     mask: AttentionMask  # rows of the time + output tokens
+
+    def rows(self, stop: int) -> KVCache:
+        """The first `stop` rows (the conditional guidance branch of a batched cache): views, so a
+        step on them writes the shared buffers in place as a full step does."""
+        m = self.mask
+        first = lambda x: None if x is None else x[:stop]  # noqa: E731
+        mask = (replace(m, prefix=first(m.prefix), keys=first(m.keys)) if isinstance(m, AttentionMask)
+                else first(m))
+        return KVCache(keys=[k[:stop] for k in self.keys], values=[v[:stop] for v in self.values],
+                       cond=self.cond, cos=self.cos[:stop], sin=self.sin[:stop], mask=mask)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | Tensor | None, gqa: bool = False) -> Tensor:
@@ -386,10 +396,20 @@ class Backbone(nn.Module):
 
     def step(self, x_t: Tensor, t: Tensor, cache: KVCache) -> Tensor:
         """Velocity from the time token + output tokens only, attending to the cached K/V."""
-        H, W = x_t.shape[-2:]
+        h, temb = self.step_input(x_t, t)
+        return self.step_output(self.step_blocks(h, cache), temb, *x_t.shape[-2:])
+
+    # `step` in its three parts, for the step caching of ditfuse.sampler (skip the blocks, reuse
+    # their residual): the blocks' input, the blocks, the output head.
+    def step_input(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Blocks' input h (B, 1+N, D): time token + output tokens; and temb (B, D)."""
         tr = self.transformer
         out_tok = tr.patch_embedding(x_t.to(tr.dtype), is_input_image=False)  # (B, N, D)
         time_tok, temb = self.embed_time(t, out_tok.dtype)
-        h = torch.cat([time_tok, out_tok], dim=1)  # (B, 1+N, D)
-        h, _, _ = self._run_blocks(h, cache.cos, cache.sin, cache.mask, cache=cache)
-        return self._output(h, temb, H, W)
+        return torch.cat([time_tok, out_tok], dim=1), temb
+
+    def step_blocks(self, h: Tensor, cache: KVCache) -> Tensor:
+        return self._run_blocks(h, cache.cos, cache.sin, cache.mask, cache=cache)[0]
+
+    def step_output(self, h: Tensor, temb: Tensor, height: int, width: int) -> Tensor:
+        return self._output(h, temb, height, width)

@@ -44,6 +44,7 @@ from ditfuse.pairs import (
 )
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS, NEGATIVE_PROMPT
 from ditfuse.sampler import SamplerSettings
+from ditfuse.solvers import SCHEDULES, SOLVERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -524,10 +525,29 @@ def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
     g, ig, seed = OFFICIAL_DEFAULTS[_mode(args)] if args.official else DEFAULTS
     pick = lambda v, default: default if v is None else v  # noqa: E731
     official = {"noise": "device", "state": "model"} if args.official else {}
-    return SamplerSettings(steps=args.steps, guidance_scale=pick(args.guidance_scale, g),
+    return SamplerSettings(**solver_options(args), guidance_scale=pick(args.guidance_scale, g),
                            img_guidance_scale=pick(args.img_guidance_scale, ig), kv_cache=not args.no_kv_cache,
                            batch_branches=not args.sequential_branches, seed=pick(args.seed, seed),
                            negative_prompt=args.negative_prompt, **official)
+
+
+SOLVER_FLAGS = ("steps", "solver", "schedule", "shift", "guidance_interval", "cache_threshold")
+
+
+def solver_options(args: argparse.Namespace) -> dict:
+    """--fast, or the given --steps/--solver/... (unset: today's 50 Euler steps with full guidance)."""
+    given = {k: getattr(args, k) for k in SOLVER_FLAGS if getattr(args, k) is not None}
+    if args.fast:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise FuseError(f"--fast sets the solver settings itself: drop {flags}, or drop --fast")
+        if args.official:
+            raise FuseError("--fast and --official exclude each other (--official is the original's 50 Euler steps)")
+        return {"preset": "fast"}
+    if args.official and set(given) - {"steps"}:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - {"steps"}))
+        raise FuseError(f"--official runs the original's Euler loop: drop {flags}")
+    return {"steps": 50, **given}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -544,11 +564,12 @@ def run(args: argparse.Namespace) -> int:
         _check_inputs(jobs)
     for name, why in problems:
         _stderr_warning(f"skipping {name}: {why}")
-    if args.batch_size < 1 or args.steps < 1:
+    if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise FuseError("--batch-size and --steps must be >= 1")
+    sampler = sampler_settings(args)  # a bad solver setting fails here, before the model loads
     pipe = FusionPipeline.load(args.model, args.preset, args.lora, args.checkpoint, args.vae, args.tokenizer,
                                use_ema=not args.no_ema, device=args.device, dtype=args.dtype,
-                               max_side=args.max_side, sampler=sampler_settings(args), official=args.official)
+                               max_side=args.max_side, sampler=sampler, official=args.official)
     bar = folder and not args.no_progress and sys.stderr.isatty()
     report = run_jobs(pipe, jobs, args.batch_size, args.overwrite, strict=not folder,
                       progress=Progress(len(jobs), bar))
@@ -633,7 +654,22 @@ def parser() -> argparse.ArgumentParser:
                    "'low quality, jpeg artifacts, ugly, ...')")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=50, help="Euler steps (default: 50)")
+    g.add_argument("--steps", type=int, help="solver steps (default: 50; Heun and midpoint evaluate twice per "
+                   "step)")
+    g.add_argument("--fast", action="store_true", help="the fast preset (sampler.preset: fast; "
+                   "docs/performance.md, 'Fewer evaluations'): fewer transformer evaluations, chosen by "
+                   "benchmarks/nfe_quality.py; excludes --steps/--solver/--schedule/--shift/--guidance-interval/"
+                   "--cache-threshold")
+    g.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: euler, OmniGen's)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="time grid: uniform (default, OmniGen's) or shifted "
+                   "(t / (t + shift (1 - t)))")
+    g.add_argument("--shift", type=float, help="with --schedule shifted: > 1 puts steps near the noise "
+                   "(default: 1)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), help="run the guidance "
+                   "branches only for t in [T_LO, T_HI] (t = 1 is the image; one evaluation instead of three "
+                   "outside; default: 0 1 = every step)")
+    g.add_argument("--cache-threshold", type=float, help="step caching: skip a step's transformer blocks while "
+                   "their input changed by less than this (relative L1, accumulated); default: off")
     g.add_argument("--official", action="store_true", help=OFFICIAL_HELP)
     g.add_argument("--guidance-scale", type=float, help="text guidance s_txt (default: 2.5, OmniGen; "
                    "--official: test.py's)")

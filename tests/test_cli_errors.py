@@ -45,7 +45,8 @@ def test_unknown_key_in_a_config_file_suggests_the_nearest_valid_key(capsys, tmp
 
 @pytest.mark.parametrize("arg, named", [("--data.image_size=30", "image_size"),
                                         ("--data.ratios.m3=-1", "ratios"),
-                                        ("--model.optimizer.lr=-1", "lr")])
+                                        ("--model.optimizer.lr=-1", "lr"),
+                                        ("--model.val_sampler.solver=rk9", "solver")])
 def test_bad_values_are_one_line_naming_the_setting(capsys, tmp_path, arg, named):
     t0 = time.time()
     err = _fit_error(capsys, f"--trainer.default_root_dir={tmp_path}", arg)

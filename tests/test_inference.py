@@ -128,7 +128,8 @@ def test_help_documents_every_option(capsys):
                "--image2", "--output", "--pairs-dir", "--image1-dir", "--image2-dir", "--output-dir", "--overwrite",
                "--task", "--prompt", "--prompt-file", "--control", "--segment", "--steps", "--guidance-scale",
                "--img-guidance-scale", "--seed", "--max-side", "--batch-size", "--no-kv-cache",
-               "--sequential-branches", "--device", "--dtype"]
+               "--sequential-branches", "--device", "--dtype", "--fast", "--solver", "--schedule", "--shift",
+               "--guidance-interval", "--cache-threshold"]
     for opt in options:
         line = next((ln for ln in text.splitlines() if ln.strip().startswith(opt + " ") or ln.strip() == opt
                      or ln.strip().startswith(opt + ",")), None)
@@ -474,3 +475,21 @@ def test_predict_matches_fuse_for_the_same_pair(tmp_path, fast, tiny_dir):
         a = cv2.imread(str(tmp_path / "pred" / f"{n}.png")).astype(int)
         b = cv2.imread(str(tmp_path / "fuse" / f"{n}.png")).astype(int)
         assert np.abs(a - b).max() <= 1, n
+
+
+def test_cli_solver_flags_are_checked_before_loading_and_fast_runs(tmp_path, capsys):
+    a, b = _write(tmp_path / "a.png", 8, 8), _write(tmp_path / "b.png", 8, 8, seed=1)
+    common = ["--preset", "tiny", "--device", "cpu", "--image1", str(a), "--image2", str(b), "--task", "ivif"]
+    bad = [(["--fast", "--steps", "2"], "--fast sets the solver settings itself: drop --steps"),
+           (["--official", "--solver", "heun"], "--official runs the original's Euler loop: drop --solver"),
+           (["--guidance-interval", "0.8", "0.2"], "guidance_interval must be [t_lo, t_hi]")]
+    for flags, message in bad:
+        assert main([*common, *flags, "--output", str(tmp_path / "x.png")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    with pytest.raises(SystemExit):
+        main([*common, "--solver", "rk9", "--output", str(tmp_path / "x.png")])
+    assert "invalid choice: 'rk9'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    assert main([*common, "--fast", "--output", str(tmp_path / "f.png")]) == 0
+    assert _hw(tmp_path / "f.png") == (8, 8)
