@@ -34,6 +34,7 @@ from datamodules.mixing import (
 from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
+from datamodules.workers import ignore_stop_signals
 from ditfuse.prompts import CONTROL_SUBTASKS, TASKS
 
 ShardSpec = str | list[str]
@@ -51,7 +52,8 @@ class _CountingLoader(DataLoader):
 
     def __init__(self, dataset: MixedStream, position: Callable[[], tuple[int, int]],
                  positions: Callable[[], dict[int, dict]], on_batch: Callable[[dict, dict], None], **kwargs):
-        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        super().__init__(dataset, batch_size=None, persistent_workers=False, worker_init_fn=ignore_stop_signals,
+                         **kwargs)
         self._position, self._positions, self._on_batch = position, positions, on_batch
 
     def state_dict(self) -> dict:
@@ -278,7 +280,7 @@ class DiTFuseDataModule(L.LightningDataModule):
         if self.val_set is None or len(self.val_set) == 0:
             return []
         return DataLoader(self.val_set, batch_size=None, shuffle=False, num_workers=min(self.num_workers, 2),
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals)
 
     # ------------------------------------------------------------------ stream positions
     def _start_positions(self) -> dict[int, dict]:
