@@ -15,6 +15,8 @@
   newest checkpoint, so the resumed run appends to the same curves and checkpoint folder
   (Lightning alone would open a new version_N and find no last.ckpt there).
 - `trainer.precision: null` follows the device: bf16-mixed on CUDA, 32-true elsewhere.
+- Checkpoints are written to a temporary name and renamed (ditfuse.checkpoint_io): a failed
+  write leaves the previous last.ckpt loadable.
 - The saved config overwrites its previous copy, so a rerun or a SLURM requeue into the same
   log dir does not fail.
 """
@@ -204,6 +206,16 @@ class DiTFuseCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         self.parser_class = DiTFuseParser
         return super().init_parser(**kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Checkpoints are written atomically (ditfuse.checkpoint_io) unless trainer.plugins
+        chooses a CheckpointIO."""
+        from ditfuse.checkpoint_io import with_atomic_checkpoints
+
+        if self.subcommand != "predict":
+            kwargs.setdefault("plugins", with_atomic_checkpoints(self._get(self.config_init, "trainer",
+                                                                           default={}).get("plugins")))
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
