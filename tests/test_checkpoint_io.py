@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from ditfuse import checkpoint_io
-from ditfuse.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, with_atomic_checkpoints
+from ditfuse.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    with_atomic_checkpoints,
+)
 
 
 def _full_disk_after(nbytes: int):

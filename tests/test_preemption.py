@@ -174,7 +174,7 @@ def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir,
                    strategy="ddp", devices=2)
     cmd = fit_cmd(cfg, "--ckpt_path", "last")
     proc = _start_group(cmd)
-    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))  # noqa: E731
+    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))
     _wait(lambda: both_ran(3), proc, "3 training steps on both ranks")
     if target == "group":
         os.killpg(proc.pid, sig)
