@@ -289,5 +289,6 @@ def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
         seed_everything_default=0,
         save_config_callback=None if subcommand == "predict" else SaveConfigCallback,
         **save_config,
-        parser_kwargs={"default_env": False, "prog": "ditfuse"},
+        # allow_abbrev=False: argparse would take `--trainer.max_step=5` as max_steps, silently
+        parser_kwargs={"default_env": False, "prog": "ditfuse", "allow_abbrev": False},
     )
