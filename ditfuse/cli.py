@@ -66,6 +66,14 @@ def _dispatch(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:  # a rank that died is not a bug of this one: one line
+            from ditfuse.lightning_cli import lost_rank_line
+
+            line = lost_rank_line(exc)
+            if line is None:
+                raise
+            print(f"ditfuse {cmd}: error: {line}", file=sys.stderr, flush=True)
+            return 1
         except CheckpointWriteError as exc:  # a full disk is not a bug: one line, no traceback
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 1

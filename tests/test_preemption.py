@@ -229,3 +229,42 @@ def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, dem
     assert res.returncode == 0, res.stderr[-4000:]
     assert "hpc_ckpt_1.ckpt" in res.stdout + res.stderr  # Lightning restored the preemption checkpoint
     _check_resumed(tmp_path, ckpt_step, proc.pid)
+
+
+def _survivor_out(proc: subprocess.Popen, limit: float = 80) -> str:
+    """rank 0's output once it has exited (a stopped rank 1 keeps the shared pipe open)."""
+    proc.wait(timeout=limit)
+    os.set_blocking(proc.stdout.fileno(), False)
+    return proc.stdout.read() or ""
+
+
+@pytest.mark.parametrize("killed, sig", [(0, signal.SIGKILL), (1, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["rank0-dies", "rank1-dies", "rank1-hangs"])
+def test_ddp_a_rank_that_dies_ends_the_survivor_within_the_timeout_with_one_line(tmp_path, demo_dir, killed, sig):
+    """SIGKILL one of 2 gloo ranks mid-run (a lost node), or SIGSTOP it (a hung node): the
+    survivor does not wait forever; it exits within the strategy's process-group timeout
+    (trainer.strategy.timeout; a dead peer's closed socket ends it sooner) with one line naming
+    the lost rank."""
+    timeout_s = 20
+    strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                "init_args": {"timeout": f"0:00:{timeout_s}"}}
+    cfg = override(tmp_path, demo_dir, max_steps=200, strategy=strategy, devices=2)
+    proc = _start_group(fit_cmd(cfg))
+    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))
+    _wait(lambda: both_ran(2), proc, "2 training steps on both ranks")
+    victim = _batches(read_runlog(tmp_path / "runlog", killed), None)[-1]["pid"]
+    os.kill(victim, sig)
+    t0 = time.time()
+    try:  # both ranks write to the pipe: it closes when the survivor has exited too
+        out, _ = proc.communicate(timeout=timeout_s + 60) if sig == signal.SIGKILL else (_survivor_out(proc), None)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"rank {1 - killed} still running {timeout_s + 60} s after rank {killed} died") from None
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(victim, signal.SIGKILL)  # the stopped rank still holds the pipe
+    took = time.time() - t0
+    assert took < timeout_s + 60
+    said = [ln for ln in out.splitlines() if "error:" in ln and f"rank {killed} of 2 was lost" in ln]
+    assert len(said) == 1 and "Traceback" not in out, out[-3000:]
+    print(f"\n[rank lost] rank {killed} {sig.name}: rank {1 - killed} exited {took:.1f} s later: {said[0]}")
