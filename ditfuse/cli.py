@@ -66,6 +66,9 @@ def _dispatch(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 2
+        except CheckpointWriteError as exc:  # a full disk is not a bug: one line, no traceback
+            print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
+            return 1
         except Exception as exc:  # a rank that died is not a bug of this one: one line
             from ditfuse.lightning_cli import lost_rank_line
 
@@ -73,9 +76,6 @@ def _dispatch(argv: list[str]) -> int:
             if line is None:
                 raise
             print(f"ditfuse {cmd}: error: {line}", file=sys.stderr, flush=True)
-            return 1
-        except CheckpointWriteError as exc:  # a full disk is not a bug: one line, no traceback
-            print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 1
         except SystemExit as exc:
             # Lightning ends a SIGTERM'd fit with SIGTERMException, a SystemExit without a code
