@@ -27,7 +27,13 @@ from datamodules.buckets import Bucket, NoBucketError, choose_bucket, sample_hw
 from datamodules.io import ImageReadError
 from datamodules.m3 import seed_for
 from datamodules.pipelines import PipelineConfig, collate, process
-from datamodules.schema import DEFAULT_STALL_TIMEOUT, SchemaError, ShardReadError, read_shard, sample_json
+from datamodules.schema import (
+    DEFAULT_STALL_TIMEOUT,
+    SchemaError,
+    ShardReadError,
+    read_shard,
+    sample_json,
+)
 from datamodules.streams import Position, SourceStream
 from ditfuse.prompts import TASKS
 
