@@ -7,7 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
+
+from ditfuse.module import GlobalMeans
 
 _OUTPUT_KEY = "_sampled_output"
 
@@ -52,19 +53,17 @@ def check_every(every_n_epochs: int) -> int:
     return every_n_epochs
 
 
-def log_means(pl_module: pl.LightningModule, means: dict[str, MeanMetric]) -> None:
-    """Log every mean that some rank updated this epoch.
+def sample_ids(batch: dict[str, Any]) -> list[str]:
+    """A validation sample's id, `task/key` (as DiTFuseModule.validation_step names it): the same
+    on every rank, so per-sample values merge over ranks without counting a repeat twice."""
+    return [f"{t}/{k}" for t, k in zip(batch["task"], batch["key"], strict=True)]
 
-    Each rank holds the same ordered set of metrics, and which of them to log is agreed on in one
-    all-reduce, so the per-metric syncs inside `compute()` run in lockstep on every rank even when
-    a rank saw no sample of some task.
-    """
-    seen = torch.tensor([float(m.update_count > 0) for m in means.values()], device=pl_module.device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(seen)
-    for (name, mean), any_rank in zip(means.items(), seen.tolist()):
-        if any_rank:
-            pl_module.log(name, mean.compute(), sync_dist=False)
+
+def log_global_means(pl_module: pl.LightningModule, means: GlobalMeans) -> None:
+    """Log each mean over the distinct samples of all ranks (a collective: every rank calls it).
+    The values are already global and equal on every rank, so no further sync."""
+    for name, value in means.reduce().items():
+        pl_module.log(name, value, sync_dist=False)
 
 
 def first_keys(local: dict[str, list[str]], n: int) -> dict[str, set[str]]:

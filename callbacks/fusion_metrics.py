@@ -2,8 +2,10 @@
 
 Logs `val/<task>/<metric>` for the fusion tasks (ivif, mff, mef, m3: the classical metric set of
 `ditfuse.metrics`, plus `ref_psnr`/`ref_ssim` against the target), `val/seg/miou` and
-`val/control/accuracy`. Every value is a torchmetrics `MeanMetric`, so DDP ranks are aggregated
-before logging.
+`val/control/accuracy`. Values are kept per sample id (task/key) and merged over the DDP ranks
+like the module's `val/*` (ditfuse.module.GlobalMeans): a batch the distributed sampler repeats
+to even out the ranks counts once, so every mean is over the distinct validation samples, the
+same on 1 or N ranks.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric
 
-from callbacks._common import check_every, is_due, log_means, sampled_outputs, task_indices, to_255
+from callbacks._common import check_every, is_due, log_global_means, sample_ids, sampled_outputs, task_indices, to_255
 from ditfuse import metrics as fm
+from ditfuse.module import GlobalMeans
 from ditfuse.task_metrics import binary_miou, control_accuracy, recover_overlay_mask
 
 FUSION_LIKE = ("ivif", "mff", "mef", "m3")
@@ -43,44 +45,44 @@ class FusionMetrics(pl.Callback):
         self.reference = reference
         self.control_tolerance = control_tolerance
         self._warned_no_base = self._warned_small = False
-        # One MeanMetric per logged name, the same ordered set on every rank: DDP syncs them in
-        # lockstep even when a rank saw no sample of some task.
+        # the same ordered names on every rank: one merge at epoch end whatever tasks a rank saw
         names = [f"val/{t}/{m}" for t in FUSION_LIKE for m in self.metrics]
         if reference:
             names += [f"val/{t}/ref_{m}" for t in FUSION_LIKE for m in ("psnr", "ssim")]
         names += ["val/seg/miou", "val/control/accuracy"]
-        self._means = {n: MeanMetric(nan_strategy="ignore") for n in names}
+        self._means = GlobalMeans(names)
 
     # -- accumulation ----------------------------------------------------------------------------
-    def _update(self, name: str, values: Tensor) -> None:
-        self._means[name].update(values.float())
+    def _update(self, name: str, values: Tensor, ids: list[str]) -> None:
+        keep = ~torch.isnan(values.float().flatten())  # a metric undefined for a sample: not counted
+        self._means.add(name, values.flatten()[keep], [i for i, k in zip(ids, keep.tolist()) if k])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for m in self._means.values():
-            m.to(pl_module.device).reset()
+        self._means.reset()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if not is_due(trainer, self.every_n_epochs):
             return
-        out = sampled_outputs(pl_module, batch, outputs)
+        out, ids = sampled_outputs(pl_module, batch, outputs), sample_ids(batch)
         for task, rows in task_indices(batch).items():
+            row_ids = [ids[i] for i in rows.tolist()]
             rows = rows.to(out.device)
             if task in FUSION_LIKE:
-                self._score_fusion(task, batch, out, rows)
+                self._score_fusion(task, batch, out, rows, row_ids)
             elif task == "seg":
-                self._score_seg(batch, out, rows)
+                self._score_seg(batch, out, rows, row_ids)
             elif task == "control":
-                self._score_control(batch, out, rows)
+                self._score_control(batch, out, rows, row_ids)
 
-    def _score_fusion(self, task: str, batch: dict[str, Any], out: Tensor, rows: Tensor) -> None:
+    def _score_fusion(self, task: str, batch: dict[str, Any], out: Tensor, rows: Tensor, ids: list[str]) -> None:
         a, b = to_255(batch["images"][rows, 0]), to_255(batch["images"][rows, 1])
         f = to_255(out[rows])
         for name, values in fm.compute_fusion_metrics(a, b, f, metrics=self._fitting(f)).items():
-            self._update(f"val/{task}/{name}", values)
+            self._update(f"val/{task}/{name}", values, ids)
         if self.reference:
             for name, values in fm.reference_metrics(to_255(batch["target"][rows]), f).items():
-                self._update(f"val/{task}/ref_{name.lower()}", values)
+                self._update(f"val/{task}/ref_{name.lower()}", values, ids)
 
     def _fitting(self, f: Tensor) -> list[str]:
         """The configured metrics minus VIF when images are below its 4-scale minimum (CPU demo)."""
@@ -92,14 +94,14 @@ class FusionMetrics(pl.Callback):
             return [m for m in self.metrics if m != "VIF"]
         return list(self.metrics)
 
-    def _score_seg(self, batch: dict[str, Any], out: Tensor, rows: Tensor) -> None:
+    def _score_seg(self, batch: dict[str, Any], out: Tensor, rows: Tensor, ids: list[str]) -> None:
         if "mask" not in batch:
             return
         base = _seg_base(batch, rows)
         pred = recover_overlay_mask(_unit(out[rows]), _unit(base))
-        self._update("val/seg/miou", binary_miou(pred, batch["mask"][rows].bool()))
+        self._update("val/seg/miou", binary_miou(pred, batch["mask"][rows].bool()), ids)
 
-    def _score_control(self, batch: dict[str, Any], out: Tensor, rows: Tensor) -> None:
+    def _score_control(self, batch: dict[str, Any], out: Tensor, rows: Tensor, ids: list[str]) -> None:
         if "control_base" not in batch:
             if not self._warned_no_base:
                 rank_zero_warn("FusionMetrics: control batches carry no `control_base`; "
@@ -109,13 +111,13 @@ class FusionMetrics(pl.Callback):
         subtasks = [batch["subtask"][i] for i in rows.tolist()]
         acc = control_accuracy(_unit(out[rows]), _unit(batch["control_base"][rows]),
                                _unit(batch["target"][rows]), subtasks, self.control_tolerance)
-        self._update("val/control/accuracy", acc)
+        self._update("val/control/accuracy", acc, ids)
 
     # -- logging ---------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not is_due(trainer, self.every_n_epochs):
             return
-        log_means(pl_module, self._means)
+        log_global_means(pl_module, self._means)
 
 
 def _unit(x: Tensor) -> Tensor:

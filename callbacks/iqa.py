@@ -7,9 +7,9 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
 
-from callbacks._common import check_every, first_keys, is_due, log_means, sampled_outputs, task_indices
+from callbacks._common import check_every, first_keys, is_due, log_global_means, sampled_outputs, task_indices
+from ditfuse.module import GlobalMeans
 
 TASKS = ("ivif", "mff", "mef", "m3", "seg", "control")
 
@@ -17,7 +17,8 @@ TASKS = ("ivif", "mff", "mef", "m3", "seg", "control")
 class IQAMetrics(pl.Callback):
     """Log `val/<task>/<metric>` for CLIPIQA/MANIQA on the `max_images` outputs per task with the
     smallest sample keys over all ranks (the same images whatever the world size and batch size;
-    each rank scores those it sampled, the means are reduced over ranks).
+    each rank scores those it sampled, the means are merged over ranks by sample id, so a sample
+    on two ranks (a batch the distributed sampler repeats) counts once).
 
     Weights come only from local files: `weights_dir` (laid out like pyiqa's torch-hub cache) or
     explicit `files`. They are resolved in `setup()`, before any training step: a missing file
@@ -36,7 +37,7 @@ class IQAMetrics(pl.Callback):
         self.names, self.required = tuple(metrics), required
         self.max_images, self.maniqa_crops = max_images, maniqa_crops
         self._scorers: dict[str, Any] = {}
-        self._means: dict[str, MeanMetric] = {}
+        self._means = GlobalMeans([])
         self._kept: dict[str, dict[str, Tensor]] = {}  # task -> key -> output (this rank's first keys)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -47,12 +48,11 @@ class IQAMetrics(pl.Callback):
         self._scorers = build_iqa_metrics(weights_dir=self.weights_dir, files=self.files, names=self.names,
                                           required=self.required, device=str(pl_module.device),
                                           maniqa_crops=self.maniqa_crops)
-        self._means = {f"val/{t}/{n}": MeanMetric() for t in TASKS for n in self._scorers}
+        self._means = GlobalMeans([f"val/{t}/{n}" for t in TASKS for n in self._scorers])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._kept = {}
-        for m in self._means.values():
-            m.to(pl_module.device).reset()
+        self._means.reset()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -78,9 +78,10 @@ class IQAMetrics(pl.Callback):
                 continue
             images = (torch.stack([kept[k] for k in keys]).float().clamp(-1, 1) + 1) / 2
             for name, scorer in self._scorers.items():
-                self._means[f"val/{task}/{name}"].update(_as_tensor(scorer(images)))
+                # by sample id: a key a repeated batch put on two ranks counts once
+                self._means.add(f"val/{task}/{name}", _as_tensor(scorer(images)), [f"{task}/{k}" for k in keys])
         self._kept = {}
-        log_means(pl_module, self._means)
+        log_global_means(pl_module, self._means)
 
 
 def _as_tensor(x: Any) -> Tensor:

@@ -13,6 +13,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ditfuse.argparsing import StrictParser
 from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 KINDS = ("fusion", "m3", "seg", "control")  # datamodules.schema.KINDS, without importing it
@@ -21,7 +22,7 @@ _SHARD_RE = re.compile(r"^(?P<kind>[a-z0-9]+)-\d{6}\.tar$")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ditfuse shards", description="Write, build and inspect WebDataset shards.")
+    p = StrictParser(prog="ditfuse shards", description="Write, build and inspect WebDataset shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="folder data set -> shards").add_subparsers(dest="kind", required=True)
 

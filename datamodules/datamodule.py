@@ -34,6 +34,7 @@ from datamodules.mixing import (
 from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
+from datamodules.workers import ignore_stop_signals
 from ditfuse.prompts import CONTROL_SUBTASKS, TASKS
 
 ShardSpec = str | list[str]
@@ -51,7 +52,8 @@ class _CountingLoader(DataLoader):
 
     def __init__(self, dataset: MixedStream, position: Callable[[], tuple[int, int]],
                  positions: Callable[[], dict[int, dict]], on_batch: Callable[[dict, dict], None], **kwargs):
-        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        super().__init__(dataset, batch_size=None, persistent_workers=False, worker_init_fn=ignore_stop_signals,
+                         **kwargs)
         self._position, self._positions, self._on_batch = position, positions, on_batch
 
     def state_dict(self) -> dict:
@@ -100,6 +102,8 @@ class DiTFuseDataModule(L.LightningDataModule):
         max_bad_fraction: stop when more than this share of samples is bad (per worker).
         shuffle_buffer: samples buffered per source stream for shuffling.
         open_shards: shards a source stream reads at once (their samples are interleaved).
+        stall_timeout: seconds an http(s) shard may send no byte before it is abandoned and counted
+            as a broken shard (training goes on with the other shards; see max_bad_fraction).
         rank, world_size: override the distributed position (tests; normally from the trainer).
     """
 
@@ -136,6 +140,7 @@ class DiTFuseDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.05,
         shuffle_buffer: int = 64,
         open_shards: int = 4,
+        stall_timeout: float = 60.0,
         buckets: list[list[int]] | dict[str, Any] | None = None,
         bucket_multiple: int = 16,
         max_upscale: float = 2.0,
@@ -156,6 +161,9 @@ class DiTFuseDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if not stall_timeout > 0:
+            raise ValueError(f"data.stall_timeout must be > 0 seconds, got {stall_timeout}")
+        self.stall_timeout = float(stall_timeout)
         if max_upscale < 1.0 or val_holdout < 0:
             raise ValueError(f"max_upscale must be >= 1 (got {max_upscale}) and val_holdout >= 0 (got {val_holdout})")
         self.buckets = make_buckets(buckets, bucket_multiple)
@@ -216,7 +224,7 @@ class DiTFuseDataModule(L.LightningDataModule):
             return
         per_task = self.val_holdout or self.val_samples_per_task
         self.val_set = ValidationSet(sources, self.pipeline, seed=self.seed, batch_size=self.val_batch_size,
-                                     per_task=per_task, buckets=self.buckets)
+                                     per_task=per_task, buckets=self.buckets, stall_timeout=self.stall_timeout)
         if self.holdout_kinds and self._rank_world()[0] == 0:
             print(f"data: val_holdout: 1 in {self.holdout.every} samples of {self.holdout_kinds} (key hash) kept "
                   f"out of training; validation samples per task: {self.val_set.task_counts}", flush=True)
@@ -265,7 +273,8 @@ class DiTFuseDataModule(L.LightningDataModule):
             self.setup("fit")
         spec = StreamSpec(self.train_shards, self.ratios, self.pipeline, self.batch_size,
                           self.batches_per_epoch, self.seed, self.max_bad_fraction, self.shuffle_buffer,
-                          self.open_shards, self.buckets, {k: self.holdout for k in self.holdout_kinds})
+                          self.open_shards, self.buckets, {k: self.holdout for k in self.holdout_kinds},
+                          self.stall_timeout)
         return MixedStream(spec, *self._rank_world())
 
     def train_dataloader(self) -> DataLoader:
@@ -278,7 +287,7 @@ class DiTFuseDataModule(L.LightningDataModule):
         if self.val_set is None or len(self.val_set) == 0:
             return []
         return DataLoader(self.val_set, batch_size=None, shuffle=False, num_workers=min(self.num_workers, 2),
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals)
 
     # ------------------------------------------------------------------ stream positions
     def _start_positions(self) -> dict[int, dict]:

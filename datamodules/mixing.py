@@ -27,7 +27,13 @@ from datamodules.buckets import Bucket, NoBucketError, choose_bucket, sample_hw
 from datamodules.io import ImageReadError
 from datamodules.m3 import seed_for
 from datamodules.pipelines import PipelineConfig, collate, process
-from datamodules.schema import SchemaError, ShardReadError, read_shard, sample_json
+from datamodules.schema import (
+    DEFAULT_STALL_TIMEOUT,
+    SchemaError,
+    ShardReadError,
+    read_shard,
+    sample_json,
+)
 from datamodules.streams import Position, SourceStream
 from ditfuse.prompts import TASKS
 
@@ -151,6 +157,7 @@ class StreamSpec:
     open_shards: int = 4
     buckets: list[Bucket] | None = None
     holdout: dict[str, HoldOut] | None = None  # kind -> what training skips
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # seconds an http(s) shard may send nothing
 
 
 class MixedStream(IterableDataset):
@@ -200,7 +207,7 @@ class _Rows:
         self.streams = {
             k: SourceStream(k, spec.shards[k], sid, n, spec.seed, tracker.failed, buffer=spec.shuffle_buffer,
                             open_shards=spec.open_shards, keep=(spec.holdout or {}).get(k),
-                            start=Position.of(starts.get(k)))
+                            start=Position.of(starts.get(k)), stall_timeout=spec.stall_timeout)
             for k, w in spec.ratios.items() if w > 0}
         self.pending: dict[str, list[dict]] = {k: [] for k in self.streams}
         self.search = max(64, 4 * spec.batch_size)  # draws spent looking for a bucket before giving up
@@ -281,13 +288,14 @@ def _kind_tasks(kind: str) -> tuple[str, ...]:
     return ("ivif", "mff", "mef") if kind == "fusion" else (kind,)
 
 
-def read_validation(kind: str, shards: list[str], per_task: int, select: HoldOut | None = None) -> dict[str, list[dict]]:
+def read_validation(kind: str, shards: list[str], per_task: int, select: HoldOut | None = None,
+                    stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> dict[str, list[dict]]:
     """task -> the first `per_task` samples of each task of `kind` (shards in order), read through
     webdataset (stops once every task of the kind is full). `select`: only held-out samples."""
     by_task: dict[str, list[dict]] = {t: [] for t in _kind_tasks(kind)}
     for shard in shards:
         try:
-            for sample in read_shard(shard):
+            for sample in read_shard(shard, stall_timeout):
                 if select is not None and not select.held(sample["__key__"]):
                     continue
                 task = _task_of(kind, sample)
@@ -312,11 +320,12 @@ class ValidationSet(Dataset):
     """
 
     def __init__(self, sources: dict[str, tuple[list[str], HoldOut | None]], cfg: PipelineConfig, *,
-                 seed: int = 0, batch_size: int = 4, per_task: int = 16, buckets: list[Bucket] | None = None):
+                 seed: int = 0, batch_size: int = 4, per_task: int = 16, buckets: list[Bucket] | None = None,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT):
         self.cfg, self.seed, self.buckets = cfg, seed, buckets
         by_task: dict[str, list[dict]] = {t: [] for t in TASKS}
         for kind, (shards, select) in sources.items():
-            for task, samples in read_validation(kind, shards, per_task, select).items():
+            for task, samples in read_validation(kind, shards, per_task, select, stall_timeout).items():
                 by_task[task] += [{**s, "__kind__": kind} for s in samples]
         per_task_batches = {t: self._batches(v, batch_size) for t, v in by_task.items()}
         self.task_counts = {t: n for t, bs in per_task_batches.items() if (n := sum(map(len, bs)))}

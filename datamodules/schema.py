@@ -53,9 +53,27 @@ def is_url(spec: str) -> bool:
 _URL_RE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]+://)")
 
 
-def read_shard(url: str) -> Iterator[dict]:
+# a stalled http(s) server (open connection, no bytes) is abandoned after this many seconds
+DEFAULT_STALL_TIMEOUT = 60.0
+
+
+def open_http(url: str, stall_timeout: float):
+    """curl, as webdataset's gopen runs it for http(s), plus `--speed-limit 1 --speed-time T`:
+    a transfer that delivers nothing for T seconds ends with curl's status 28, an OSError when
+    the stream closes. Without `--retry` (webdataset's default retries 30 times): curl cannot
+    rewind stdout, so a retried transfer would be appended to the bytes already read; a failed
+    shard is counted as broken instead (data.max_bad_fraction) and training goes on."""
+    from webdataset.gopen import Pipe
+
+    cmd = ["curl", "--connect-timeout", "30", "-f", "-s", "-L", "--speed-limit", "1",
+           "--speed-time", str(max(1, round(stall_timeout))), url]
+    return Pipe(cmd, mode="rb", bufsize=8192, ignore_status=[141, 23])
+
+
+def read_shard(url: str, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Iterator[dict]:
     """Samples of one shard in order, read with webdataset's stages: `gopen` (local path, `pipe:`,
-    http(s), the other schemes it knows) -> `tar_file_expander` -> `group_by_keys`.
+    http(s), the other schemes it knows) -> `tar_file_expander` -> `group_by_keys`. An http(s)
+    stream that sends nothing for `stall_timeout` seconds fails like a truncated shard.
 
     Each sample is {"__key__", "__shard__", field: bytes, ...}. Raises ShardReadError (after
     yielding every complete sample before the damage) when the tar is truncated, garbage, or its
@@ -66,7 +84,8 @@ def read_shard(url: str) -> Iterator[dict]:
 
     stream = None
     try:
-        stream = gopen(url, "rb")
+        http = url.startswith(("http://", "https://"))
+        stream = open_http(url, stall_timeout) if http else gopen(url, "rb")
         files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
         for sample in group_by_keys(files):
             sample["__shard__"] = sample.pop("__url__", url)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from datamodules.m3 import seed_for
-from datamodules.schema import ShardReadError, read_shard
+from datamodules.schema import DEFAULT_STALL_TIMEOUT, ShardReadError, read_shard
 
 
 @dataclass
@@ -56,8 +56,10 @@ class SourceStream:
 
     def __init__(self, kind: str, shards: list[str], sid: int, n: int, seed: int,
                  on_bad: Callable[[str, str], None], *, buffer: int = 64, open_shards: int = 4,
-                 keep: Callable[[str], bool] | None = None, start: Position | None = None):
+                 keep: Callable[[str], bool] | None = None, start: Position | None = None,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT):
         self.kind, self.sid, self.n, self.seed = kind, sid, n, seed
+        self.stall_timeout = stall_timeout
         self.part, self.filtered = stream_part(shards, sid, n)
         self.on_bad, self.buffer, self.open_shards = on_bad, max(1, buffer), max(1, open_shards)
         self.keep = keep
@@ -101,7 +103,7 @@ class SourceStream:
 
     def _read(self, idx: int, url: str) -> Iterator[dict]:
         try:
-            for i, sample in enumerate(read_shard(url)):
+            for i, sample in enumerate(read_shard(url, self.stall_timeout)):
                 if self.filtered and (i + idx) % self.n != self.sid:
                     continue
                 if self.keep is not None and not self.keep(sample["__key__"]):

@@ -58,6 +58,7 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING:
+        from ditfuse.checkpoint_io import CheckpointWriteError
         from ditfuse.lightning_cli import ConfigError, run_lightning_cli
 
         try:
@@ -65,6 +66,17 @@ def _dispatch(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 2
+        except CheckpointWriteError as exc:  # a full disk is not a bug: one line, no traceback
+            print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # a rank that died is not a bug of this one: one line
+            from ditfuse.lightning_cli import lost_rank_line
+
+            line = lost_rank_line(exc)
+            if line is None:
+                raise
+            print(f"ditfuse {cmd}: error: {line}", file=sys.stderr, flush=True)
+            return 1
         except SystemExit as exc:
             # Lightning ends a SIGTERM'd fit with SIGTERMException, a SystemExit without a code
             # (status 0): a stopped run must not look finished to a scheduler or a script

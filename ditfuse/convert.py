@@ -43,6 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ditfuse.argparsing import StrictParser
+
 Layout = Literal["diffusers", "original"]
 AdapterFormat = Literal["ditfuse", "official"]
 StateDict = dict[str, Tensor]
@@ -724,8 +726,8 @@ _COMMANDS = {"model": _cmd_model, "lora": _cmd_lora, "merge": _cmd_merge, "expor
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ditfuse convert", description="Convert OmniGen / DiTFuse weights "
-                                "offline (local folders only, transformer-only inputs allowed).")
+    p = StrictParser(prog="ditfuse convert", description="Convert OmniGen / DiTFuse weights "
+                     "offline (local folders only, transformer-only inputs allowed).")
     sub = p.add_subparsers(dest="command", required=True, metavar="{model,lora,merge,export-official}")
     m = sub.add_parser("model", help="original OmniGen-v1 folder -> diffusers layout "
                        "(OUT/transformer/, plus vae/ and tokenizer/ when the source has them)")

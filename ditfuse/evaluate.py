@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ditfuse import metrics as fm
+from ditfuse.argparsing import StrictParser
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FORMATS = ("md", "csv", "json")
@@ -379,8 +380,8 @@ def plot(report: Report, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ditfuse eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = StrictParser(prog="ditfuse eval", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image1-dir", type=Path, required=True,
                    help="image 1, the visible image (as in fuse and shards); source A of the metrics")
     p.add_argument("--image2-dir", type=Path, required=True, help="image 2, e.g. infrared; source B of the metrics")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditfuse.argparsing import StrictParser
 from ditfuse.images import ImageReadError, read_image, to_tensor, to_uint8
 from ditfuse.pairs import (
     DEFAULT_MAX_SIDE,
@@ -605,8 +606,8 @@ OFFICIAL_HELP = ("write what the official DiTFuse test.py writes: long side scal
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ditfuse fuse", description="Fuse image pairs with a DiTFuse/OmniGen model.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = StrictParser(prog="ditfuse fuse", description="Fuse image pairs with a DiTFuse/OmniGen model.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="OmniGen-v1 folder, diffusers layout (transformer/, vae/, "
                    "tokenizer/) or original layout (config.json + model.safetensors); never downloads")

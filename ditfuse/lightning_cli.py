@@ -15,6 +15,8 @@
   newest checkpoint, so the resumed run appends to the same curves and checkpoint folder
   (Lightning alone would open a new version_N and find no last.ckpt there).
 - `trainer.precision: null` follows the device: bf16-mixed on CUDA, 32-true elsewhere.
+- Checkpoints are written to a temporary name and renamed (ditfuse.checkpoint_io): a failed
+  write leaves the previous last.ckpt loadable.
 - The saved config overwrites its previous copy, so a rerun or a SLURM requeue into the same
   log dir does not fail.
 """
@@ -189,6 +191,35 @@ def check_writable(folder: str | Path, setting: str) -> None:
                           f"with --{setting}=DIR") from None
 
 
+# what a collective raises when a peer process is gone (gloo: the socket closes; NCCL / a stuck
+# peer: the process-group timeout, trainer.strategy.timeout, expires)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+             "NCCL communicator was aborted")
+BACKENDS = ("gloo", "NCCL", "c10d", "ProcessGroup")  # ... raised by a collective, not, say, by a data read
+
+
+def lost_rank_line(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died, else None.
+
+    The lost rank is named when the world has two ranks (the other one); with more, the failed
+    collective does not say which (its peer address is in the message)."""
+    import torch.distributed as dist
+
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    hit = next((x for x in chain if any(p in str(x) for p in PEER_LOST) and any(b in str(x) for b in BACKENDS)),
+               None)
+    if hit is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lost = f"rank {1 - rank}" if world == 2 else "another rank"
+    first = str(hit).strip().splitlines()[0][:200]
+    return (f"{lost} of {world} was lost (its process died or stopped answering); rank {rank} stopped when a "
+            f"collective failed ({first}). Resume with the same command and --ckpt_path last")
+
+
 def global_batch_line(trainer: Any, datamodule: Any) -> str:
     world, bs = trainer.world_size, getattr(datamodule, "batch_size", None)
     accum = trainer.accumulate_grad_batches
@@ -204,6 +235,16 @@ class DiTFuseCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         self.parser_class = DiTFuseParser
         return super().init_parser(**kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Checkpoints are written atomically (ditfuse.checkpoint_io) unless trainer.plugins
+        chooses a CheckpointIO."""
+        from ditfuse.checkpoint_io import with_atomic_checkpoints
+
+        if self.subcommand != "predict":
+            kwargs.setdefault("plugins", with_atomic_checkpoints(self._get(self.config_init, "trainer",
+                                                                           default={}).get("plugins")))
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -277,5 +318,6 @@ def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
         seed_everything_default=0,
         save_config_callback=None if subcommand == "predict" else SaveConfigCallback,
         **save_config,
-        parser_kwargs={"default_env": False, "prog": "ditfuse"},
+        # allow_abbrev=False: argparse would take `--trainer.max_step=5` as max_steps, silently
+        parser_kwargs={"default_env": False, "prog": "ditfuse", "allow_abbrev": False},
     )

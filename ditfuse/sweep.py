@@ -50,6 +50,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ditfuse.argparsing import StrictParser
+
 TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 HPARAMS_CALLBACK = "callbacks.HParamsLogger"
 SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")  # LightningCLI top level
@@ -476,7 +478,7 @@ def run_points(manifest: dict[str, Any], out: Path) -> int:
 # entry point
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = StrictParser(
         prog="ditfuse sweep",
         description="Expand a grid of config overrides into one config per point, a manifest and a "
                     "SLURM array script; optionally run the points here one after another.",

@@ -20,7 +20,7 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 
 def override(tmp: Path, demo_dir: Path, *, max_steps: int, callbacks: list[dict[str, Any]] | None = None,
-             **trainer: Any) -> Path:
+             data: dict[str, Any] | None = None, **trainer: Any) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -38,7 +38,7 @@ def override(tmp: Path, demo_dir: Path, *, max_steps: int, callbacks: list[dict[
         "model": {"preset": "tiny"},
         "data": {"demo_dir": str(demo_dir), "image_size": 32, "batch_size": 8, "num_workers": 0,
                  "batches_per_epoch": 50, "val_samples_per_task": 1,
-                 "ratios": {"fusion": 0.25, "m3": 0.5, "seg": 0.125, "control": 0.125}},
+                 "ratios": {"fusion": 0.25, "m3": 0.5, "seg": 0.125, "control": 0.125}, **(data or {})},
     }
     path = tmp / "override.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

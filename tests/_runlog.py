@@ -20,7 +20,7 @@ import torch
 class RunLog(pl.Callback):
     """Appends {rank, world, step, batch_idx, keys, kinds, loss, rng, t, pid} to
     `<out>/rank<r>.jsonl` after every training batch, and a `train_start` line (with the step
-    training starts from)."""
+    training starts from), and an `exception` line (type, step) when fit stops on one."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -47,6 +47,9 @@ class RunLog(pl.Callback):
         self._write(trainer, {"event": "batch", "step": trainer.global_step, "batch_idx": batch_idx,
                               "keys": list(batch.get("key", [])), "kinds": list(batch.get("kind", [])),
                               "loss": float(torch.as_tensor(loss).detach()), "rng": self._rng})
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write(trainer, {"event": "exception", "step": trainer.global_step, "type": type(exception).__name__})
 
 
 def read_runlog(out: Path, rank: int = 0) -> list[dict[str, Any]]:

@@ -86,3 +86,33 @@ def test_iqa_callback_fails_fast_on_missing_weights(tmp_path):
     cb = IQAMetrics(weights_dir=str(tmp_path / "nothing-here"))
     with pytest.raises(IQAWeightsMissing, match="clipiqa"):
         cb.setup(pl.Trainer(accelerator="cpu", logger=False), DiTFuseModule(preset="tiny"), "fit")
+
+
+def test_fusion_metrics_count_a_repeated_batch_once():
+    """The distributed sampler repeats batches to give every rank as many: a sample seen twice
+    counts once (merged by sample id), so every mean is over the distinct samples."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    n = 3
+    batch = {"task": ["m3"] * n, "key": [f"k{i}" for i in range(n)],
+             "images": torch.rand(n, 2, 3, 32, 32, generator=g) * 2 - 1,
+             "target": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1}
+    out = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    first_two = {k: v[:2] for k, v in batch.items()}
+
+    def logged(batches: list[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+        cb = FusionMetrics(metrics=["EN", "PSNR", "SSIM"])
+        values: dict[str, float] = {}
+        module = SimpleNamespace(log=lambda name, v, **kw: values.__setitem__(name, float(v)))
+        trainer = SimpleNamespace(sanity_checking=False, current_epoch=0)
+        cb.on_validation_epoch_start(trainer, module)
+        for i, (b, o) in enumerate(batches):
+            cb.on_validation_batch_end(trainer, module, {"output": o}, b, i)
+        cb.on_validation_epoch_end(trainer, module)
+        return values
+
+    once = logged([(batch, out)])
+    repeated = logged([(batch, out), (first_two, out[:2])])
+    assert set(once) == {"val/m3/EN", "val/m3/PSNR", "val/m3/SSIM", "val/m3/ref_psnr", "val/m3/ref_ssim"}
+    assert repeated == once

@@ -108,3 +108,30 @@ def test_closed_pipe_is_not_a_traceback():
     finally:
         os.close(write_end)
     assert res.returncode == 1 and res.stderr == "", res.stderr
+
+
+ABBREVIATED = {  # subcommand argv with one abbreviated option -> the option it abbreviates
+    "fit": (["fit", "--config", DEMO, "--trainer.max_step=5"], "--trainer.max_steps"),
+    "validate": (["validate", "--config", DEMO, "--data.batch_siz=5"], "--data.batch_size"),
+    "predict": (["predict", "--config", str(ROOT / "configs" / "predict.yaml"), "--model.prese=tiny"],
+                "--model.preset"),
+    "fuse": (["fuse", "--pairs", "x"], "--pairs-dir"),
+    "eval": (["eval", "--image1-dir", "a", "--image2-dir", "b", "--fused", "c"], "--fused-dir"),
+    "convert": (["convert", "model", "--src", "a", "--out", "b", "--overwr"], "--overwrite"),
+    "shards": (["shards", "inspect", "p", "--max-sample", "3"], "--max-samples"),
+    "sweep": (["sweep", "--config", DEMO, "--grid-fil", "g.yaml"], "--grid-file"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(ABBREVIATED))
+def test_an_abbreviated_option_is_an_error_with_did_you_mean(command, capsys):
+    """argparse's prefix matching (`--trainer.max_step=5` taken as max_steps) is off everywhere."""
+    argv, full = ABBREVIATED[command]
+    try:
+        rc = ditfuse(argv)
+    except SystemExit as exc:  # the parser exits by itself (convert returns its status)
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and f"did you mean {full}" in err, err[-1000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint_io import _full_disk_after
 
+from ditfuse import checkpoint_io
+from ditfuse.checkpoint_io import AtomicCheckpointIO
+from ditfuse.cli import main as ditfuse_main
 from ditfuse.lightning_cli import ConfigError, run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +56,7 @@ def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_default_root_dir_holds_every_output_and_ckpt_path_last_continues_the_run(tmp_path, monkeypatch):
+def test_default_root_dir_holds_every_output_and_ckpt_path_last_continues_the_run(tmp_path, monkeypatch, capsys):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # the shipped config's relative paths (runs/demo, data/demo) would land here
@@ -80,6 +84,18 @@ def test_default_root_dir_holds_every_output_and_ckpt_path_last_continues_the_ru
     assert steps == {4}  # AdamW moments came back from the checkpoint
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     assert not (last.parent / "last-v1.ckpt").exists()
+
+    # checkpoints are written atomically: a save that fails (a full disk) ends the run with one
+    # line naming the file; last.ckpt still loads and holds step 4
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    monkeypatch.setattr(checkpoint_io.torch, "save", _full_disk_after(100))
+    capsys.readouterr()
+    assert ditfuse_main(_short_fit_args(tmp_path, 6, "--ckpt_path=last")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "could not write checkpoint" in err[-1] and "No space left on device" in err[-1], err[-5:]
+    monkeypatch.undo()
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    assert not [p.name for p in last.parent.iterdir() if ".tmp-" in p.name]
 
 
 def test_demo_config_with_fusion_only_data_validates_and_checkpoints(tmp_path, demo_dir, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +71,54 @@ def test_datamodule_trains_from_http_and_pipe_shards_and_counts_remote_failures(
     assert len(batches) == 6 and len(keys) == 48
     assert {"fusion", "m3", "seg", "control"} == {k for b in batches for k in b["kind"]}
     assert any(p.startswith("/m3/") for p in _Quiet.requests) and any(p.startswith("/seg/") for p in _Quiet.requests)
+
+
+class _Stalls(SimpleHTTPRequestHandler):
+    """Sends the first half of a file, then keeps the connection open without a byte more."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        data = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        time.sleep(120)  # a daemon thread: ends with the test process
+
+
+@pytest.fixture(scope="module")
+def stalled(served) -> Iterator[str]:
+    """http://127.0.0.1:PORT serving the same folder, stalling half-way through every file."""
+    root, _ = served
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Stalls, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.server_close()
+
+
+def test_a_shard_server_that_stalls_is_abandoned_counted_and_training_goes_on(served, stalled):
+    root, url = served
+    t0 = time.time()
+    with pytest.raises(ShardReadError, match="m3-000001.tar"):
+        list(read_shard(f"{stalled}/m3/m3-000001.tar", stall_timeout=1))
+    assert time.time() - t0 < 30  # abandoned after the timeout, not after the server's 120 s
+    shards = {k: str(root / k) for k in ("fusion", "seg", "control")}
+    shards["m3"] = [f"{stalled}/m3/m3-000000.tar", *[f"{url}/m3/m3-00000{i}.tar" for i in (1, 2, 3)]]
+    dm = DiTFuseDataModule(shards=shards, image_size=SIZE, batch_size=8, num_workers=0, batches_per_epoch=4,
+                           m3_block_sizes=[4], max_bad_fraction=0.5, stall_timeout=1,
+                           val_shards={k: str(root / k) for k in ("fusion", "seg", "control", "m3")})
+    dm.setup("fit")
+    t0 = time.time()
+    with pytest.warns(BadSampleWarning, match="m3-000000.tar"):  # counted like a broken shard
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and "m3" in {k for b in batches for k in b["kind"]}  # training went on
+    assert time.time() - t0 < 60
+    with pytest.raises(ValueError, match="data.stall_timeout"):
+        DiTFuseDataModule(shards=shards, stall_timeout=0)
 
 
 @pytest.mark.slow

@@ -42,12 +42,8 @@ def test_two_process_ddp_fit(tmp_path, demo_dir, capsys):
     # different noise: torch's global RNG differs between ranks at every step (RankSeed)
     assert all(a["rng"] != b["rng"] for a, b in zip(*batches))
 
-    # scaling sanity check against one process on the same config (reported, not asserted)
-    single = tmp_path / "single"
-    single.mkdir()
-    run_fit(override(single, demo_dir, max_steps=STEPS))
-    rate_single = steps_per_second(read_runlog(single / "runlog"))
+    # (comparing the step rate with one process is a benchmark's job, not a test's: no second,
+    # single-process fit here just to print a ratio)
     rates = [steps_per_second(log) for log in ranks]
     with capsys.disabled():
-        print(f"\n[ddp] CPU steps/s per rank: {rates[0]:.2f}, {rates[1]:.2f} (2 processes, gloo); "
-              f"single process: {rate_single:.2f}; samples/s {2 * 8 * min(rates):.1f} vs {8 * rate_single:.1f}")
+        print(f"\n[ddp] CPU steps/s per rank: {rates[0]:.2f}, {rates[1]:.2f} (2 processes, gloo)")

@@ -1,8 +1,10 @@
 """A CPU `ditfuse fit` killed mid-run and restarted with the same command continues where it was.
 
 1. SIGKILL after a periodic checkpoint (what a node loss does), restart with `--ckpt_path last`.
-2. Ctrl-C (SIGINT) or SIGTERM outside SLURM: callbacks.interrupt.InterruptCheckpoint saves
-   last.ckpt before the run exits; the same command with `--ckpt_path last` resumes from it.
+2. Ctrl-C (SIGINT) or SIGTERM to the whole process group (with 2 DataLoader workers; under
+   2-rank DDP to every rank or to rank 0 alone): callbacks.interrupt.InterruptCheckpoint saves
+   last.ckpt at the step every rank agreed on, the run exits 128 + signal; the same command with
+   `--ckpt_path last` resumes from it.
 3. SLURM's pre-timeout SIGUSR1 (simulated: SLURM variables set, a fake `scontrol` on PATH):
    Lightning saves hpc_ckpt_N.ckpt and requeues; the requeued job (the same command, no
    ckpt_path) resumes from it.
@@ -41,8 +43,9 @@ def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 400) -> None
         time.sleep(0.2)
 
 
-def _batches(log: list[dict], pid: int) -> list[dict]:
-    return [r for r in log if r["event"] == "batch" and r["pid"] == pid]
+def _batches(log: list[dict], pid: int | None) -> list[dict]:
+    """The batch records of process `pid` (None: of every process)."""
+    return [r for r in log if r["event"] == "batch" and pid in (None, r["pid"])]
 
 
 def _tb_loss_steps(event_file: Path) -> list[int]:
@@ -109,33 +112,88 @@ def test_sigkill_then_restart_with_ckpt_path_last(tmp_path, demo_dir):
     _check_resumed(tmp_path, ckpt_step, proc.pid)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_writes_last_ckpt_that_the_same_command_resumes(tmp_path, demo_dir, sig):
-    # the periodic save (every 100 steps) never fires in this 8-step run: only the interrupt saves
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 100, "save_last": True,
-                                "save_top_k": 0}},
-                 {"class_path": "callbacks.interrupt.InterruptCheckpoint"}]
-    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=callbacks)
-    cmd = fit_cmd(cfg, "--ckpt_path", "last")
-    # SIGINT's default action, as in a terminal (a background shell running pytest ignores it,
-    # and children inherit that)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=fit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= 3, proc, "3 training steps")
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out[-2000:]  # it stopped early, not at max_steps
-    last = tmp_path / "ckpt" / "last.ckpt"
-    assert last.is_file(), out[-3000:]
-    ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 3 <= ckpt_step < MAX_STEPS
+def _interrupt_callbacks(tmp: Path) -> list[dict]:
+    # the periodic save (every 100 steps) never fires in an 8-step run: only the interrupt saves
+    return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 100, "save_last": True,
+                           "save_top_k": 0}},
+            {"class_path": "callbacks.interrupt.InterruptCheckpoint"}]
+
+
+def _start_group(cmd: list[str]) -> subprocess.Popen:
+    """The fit in a process group of its own (as a job step or a terminal's foreground job), with
+    SIGINT's default action as in a terminal (a background shell running pytest ignores it, and
+    children inherit that)."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=fit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _stopped(proc: subprocess.Popen, sig: int, tmp: Path) -> tuple[int, str]:
+    """Wait for the signalled run; it exits 128 + sig with no traceback. -> (saved step, output)."""
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the signalled run did not exit within 300 s") from None
+    assert proc.returncode == 128 + sig, out[-3000:]  # the shell's convention: 130 SIGINT, 143 SIGTERM
+    assert "Traceback" not in out and "killed by signal" not in out, out[-3000:]
     assert "--ckpt_path last" in out  # it says how to resume
+    last = tmp / "ckpt" / "last.ckpt"
+    assert last.is_file(), out[-3000:]
+    return torch.load(last, map_location="cpu", weights_only=False)["global_step"], out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resumes(tmp_path, demo_dir, sig):
+    """The signal reaches the main process and its 2 DataLoader workers at once (Ctrl-C in a
+    terminal, `scancel`): the workers ignore it, the main process saves at the step reached."""
+    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
+                   data={"num_workers": 2})
+    cmd = fit_cmd(cfg, "--ckpt_path", "last")
+    proc = _start_group(cmd)
+    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= 3, proc, "3 training steps")
+    os.killpg(proc.pid, sig)
+    ckpt_step, _ = _stopped(proc, sig, tmp_path)
+    assert 3 <= ckpt_step < MAX_STEPS
+    ran = _batches(read_runlog(tmp_path / "runlog"), proc.pid)
+    assert ran[-1]["step"] == ckpt_step  # saved at the step reached, after its batch was logged
 
     run_fit(cfg, "--ckpt_path", "last")
     # the interrupt saved the step it stopped at: no step ran twice (no overlap to compare RNG on);
     # the end of fit wrote last.ckpt at MAX_STEPS (the periodic save never fired)
     _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
+
+
+@pytest.mark.parametrize("sig, target", [(signal.SIGINT, "group"), (signal.SIGTERM, "rank0")],
+                         ids=["SIGINT-all-ranks", "SIGTERM-rank0-alone"])
+def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir, sig, target):
+    """2 gloo ranks: the signal to every process (a job step's scancel, Ctrl-C) or to rank 0
+    alone. The ranks agree on the step, rank 0 saves it, both exit; the same command resumes."""
+    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
+                   strategy="ddp", devices=2)
+    cmd = fit_cmd(cfg, "--ckpt_path", "last")
+    proc = _start_group(cmd)
+    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))
+    _wait(lambda: both_ran(3), proc, "3 training steps on both ranks")
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)  # rank 0 is the launching process; rank 1 is its child
+    ckpt_step, _ = _stopped(proc, sig, tmp_path)
+    stops = [[r for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == "exception"] for rank in (0, 1)]
+    assert [[(s["type"], s["step"]) for s in st] for st in stops] == [[("SignalStop", ckpt_step)]] * 2
+    assert 3 <= ckpt_step < MAX_STEPS
+
+    run_fit(cfg, "--ckpt_path", "last")
+    for rank in (0, 1):
+        log = read_runlog(tmp_path / "runlog", rank)
+        start = [r for r in log if r["event"] == "train_start"][-1]
+        assert start["step"] == ckpt_step
+        resumed = [r["step"] for r in log if r["event"] == "batch" and r["pid"] == start["pid"]]
+        assert resumed == list(range(ckpt_step + 1, MAX_STEPS + 1))
+    final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == MAX_STEPS
 
 
 def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, demo_dir):
@@ -171,3 +229,42 @@ def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, dem
     assert res.returncode == 0, res.stderr[-4000:]
     assert "hpc_ckpt_1.ckpt" in res.stdout + res.stderr  # Lightning restored the preemption checkpoint
     _check_resumed(tmp_path, ckpt_step, proc.pid)
+
+
+def _survivor_out(proc: subprocess.Popen, limit: float = 80) -> str:
+    """rank 0's output once it has exited (a stopped rank 1 keeps the shared pipe open)."""
+    proc.wait(timeout=limit)
+    os.set_blocking(proc.stdout.fileno(), False)
+    return proc.stdout.read() or ""
+
+
+@pytest.mark.parametrize("killed, sig", [(0, signal.SIGKILL), (1, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["rank0-dies", "rank1-dies", "rank1-hangs"])
+def test_ddp_a_rank_that_dies_ends_the_survivor_within_the_timeout_with_one_line(tmp_path, demo_dir, killed, sig):
+    """SIGKILL one of 2 gloo ranks mid-run (a lost node), or SIGSTOP it (a hung node): the
+    survivor does not wait forever; it exits within the strategy's process-group timeout
+    (trainer.strategy.timeout; a dead peer's closed socket ends it sooner) with one line naming
+    the lost rank."""
+    timeout_s = 20
+    strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                "init_args": {"timeout": f"0:00:{timeout_s}"}}
+    cfg = override(tmp_path, demo_dir, max_steps=200, strategy=strategy, devices=2)
+    proc = _start_group(fit_cmd(cfg))
+    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))
+    _wait(lambda: both_ran(2), proc, "2 training steps on both ranks")
+    victim = _batches(read_runlog(tmp_path / "runlog", killed), None)[-1]["pid"]
+    os.kill(victim, sig)
+    t0 = time.time()
+    try:  # both ranks write to the pipe: it closes when the survivor has exited too
+        out, _ = proc.communicate(timeout=timeout_s + 60) if sig == signal.SIGKILL else (_survivor_out(proc), None)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"rank {1 - killed} still running {timeout_s + 60} s after rank {killed} died") from None
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(victim, signal.SIGKILL)  # the stopped rank still holds the pipe
+    took = time.time() - t0
+    assert took < timeout_s + 60
+    said = [ln for ln in out.splitlines() if "error:" in ln and f"rank {killed} of 2 was lost" in ln]
+    assert len(said) == 1 and "Traceback" not in out, out[-3000:]
+    print(f"\n[rank lost] rank {killed} {sig.name}: rank {1 - killed} exited {took:.1f} s later: {said[0]}")

@@ -1,6 +1,6 @@
 """Validation under DDP (2 gloo processes): the same checkpoint validated on 1 and on 2 ranks logs
-the same val/* values, with one batch per task (so the ranks see different tasks), and the
-sample grids hold every task, chosen by key."""
+the same val/* values, with one batch per task (so the ranks see different tasks) and with an odd
+number of batches (so the sampler repeats one), and the sample grids hold every task, chosen by key."""
 
 from __future__ import annotations
 
@@ -88,20 +88,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _validate(tmp: Path, demo_dir: Path, ckpt: Path, devices: int) -> list[dict]:
+def _validate(tmp: Path, ckpt: Path, devices: int, data: dict, callbacks: list[dict]) -> list[dict]:
     cfg = {
         "trainer": {
             "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
             "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp),
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp), "name": "tb", "version": "v0", "default_hp_metric": False}},
-            "callbacks": [{"class_path": "callbacks.samples.SampleGrid", "init_args": {"num_samples": 2}},
-                          {"class_path": "callbacks.fusion_metrics.FusionMetrics"},
+            "callbacks": [*callbacks, {"class_path": "callbacks.fusion_metrics.FusionMetrics"},
                           {"class_path": "_valrecord.ValRecord", "init_args": {"out": str(tmp / "record")}}],
         },
         "model": {"val_sampler": {"steps": 4}},
-        # the issue's case: 2 samples per task in batches of 2 = one batch per task
-        "data": {"demo_dir": str(demo_dir), "num_workers": 0, "val_samples_per_task": 2, "val_batch_size": 2},
+        "data": {"num_workers": 0, **data},
     }
     tmp.mkdir(parents=True, exist_ok=True)
     override = tmp / "override.yaml"
@@ -113,18 +111,9 @@ def _validate(tmp: Path, demo_dir: Path, ckpt: Path, devices: int) -> list[dict]
     return [json.loads((tmp / "record" / f"rank{r}.json").read_text()) for r in range(devices)]
 
 
-@pytest.mark.slow
-def test_one_and_two_ranks_log_the_same_val_values(tmp_path, demo_dir, checkpoint, capsys):
-    (one,) = _validate(tmp_path / "one", demo_dir, checkpoint, devices=1)
-    two = _validate(tmp_path / "two", demo_dir, checkpoint, devices=2)
-
-    # one batch per task, dealt out over the ranks: each rank saw only some tasks
-    seen = [{t for b in r["batches"] for t in b["tasks"]} for r in two]
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {t for b in one["batches"] for t in b["tasks"]} == set(TASKS)
-
+def _same_val_keys(one: dict, two: list[dict], capsys, layout: str) -> dict[str, float]:
+    """Every rank of the 2-rank run logged the 1-rank run's val/* keys, all with its values."""
     val = {k: v for k, v in one["metrics"].items() if k.startswith("val/")}
-    assert {f"val/{t}/psnr" for t in TASKS} | {"val/loss", "val/m3/PSNR", "val/seg/miou"} <= set(val)
     for rank in two:  # every rank logged the same keys, all of them global means
         got = {k: v for k, v in rank["metrics"].items() if k.startswith("val/")}
         assert got.keys() == val.keys()
@@ -132,8 +121,26 @@ def test_one_and_two_ranks_log_the_same_val_values(tmp_path, demo_dir, checkpoin
         assert not bad, bad
         worst = max(abs(got[k] - val[k]) / max(abs(val[k]), 1e-6) for k in val)
         with capsys.disabled():
-            print(f"\n[val-ddp] rank {rank['rank']}: {len(val)} val/* keys, max relative difference "
+            print(f"\n[val-ddp {layout}] rank {rank['rank']}: {len(val)} val/* keys, max relative difference "
                   f"1 vs 2 ranks {worst:.1e}; val/loss {got['val/loss']:.6f} vs {val['val/loss']:.6f}")
+    return val
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_log_the_same_val_values(tmp_path, demo_dir, checkpoint, capsys):
+    # the issue's case: 2 samples per task in batches of 2 = one batch per task
+    data = {"demo_dir": str(demo_dir), "val_samples_per_task": 2, "val_batch_size": 2}
+    grid = [{"class_path": "callbacks.samples.SampleGrid", "init_args": {"num_samples": 2}}]
+    (one,) = _validate(tmp_path / "one", checkpoint, 1, data, grid)
+    two = _validate(tmp_path / "two", checkpoint, 2, data, grid)
+
+    # one batch per task, dealt out over the ranks: each rank saw only some tasks
+    seen = [{t for b in r["batches"] for t in b["tasks"]} for r in two]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {t for b in one["batches"] for t in b["tasks"]} == set(TASKS)
+
+    val = _same_val_keys(one, two, capsys, "one batch per task")
+    assert {f"val/{t}/psnr" for t in TASKS} | {"val/loss", "val/m3/PSNR", "val/seg/miou"} <= set(val)
 
     # sample grids: every task, the same samples (smallest keys) as on one rank, in TensorBoard
     assert two[0]["grids"] == one["grids"] and set(one["grids"]) == set(TASKS)
@@ -142,3 +149,25 @@ def test_one_and_two_ranks_log_the_same_val_values(tmp_path, demo_dir, checkpoin
     events = EventAccumulator(str(tmp_path / "two" / "tb" / "v0"), size_guidance={"images": 0})
     events.Reload()
     assert {f"samples/{t}" for t in TASKS} <= set(events.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_a_batch_repeated_to_even_out_the_ranks_counts_once(tmp_path, demo_dir, checkpoint, capsys):
+    """An odd number of validation batches: Lightning's distributed sampler gives rank 1 a copy
+    of batch 0. The module's val/*, FusionMetrics and IQAMetrics merge by sample id: every val/
+    key of 2 ranks equals the 1-rank value."""
+    from _tiny_iqa import make_tiny_iqa_weights
+
+    # fusion only: 3 tasks x 5 samples in batches of 2 (2 + 2 + 1) = 9 batches
+    data = {"demo_dir": None, "ratios": {"fusion": 1.0}, "val_samples_per_task": 5, "val_batch_size": 2,
+            "shards": {"fusion": str(demo_dir / "train" / "fusion")},
+            "val_shards": {"fusion": str(demo_dir / "val" / "fusion")}}
+    iqa = [{"class_path": "callbacks.iqa.IQAMetrics",
+            "init_args": {"weights_dir": str(make_tiny_iqa_weights(tmp_path / "iqa")), "maniqa_crops": 1}}]
+    (one,) = _validate(tmp_path / "one", checkpoint, 1, data, iqa)
+    two = _validate(tmp_path / "two", checkpoint, 2, data, iqa)
+
+    assert len(one["batches"]) == 9 and [len(r["batches"]) for r in two] == [5, 5]
+    assert two[1]["batches"][-1] == one["batches"][0]  # the repeated batch: 2 of ivif's 5 samples twice
+    val = _same_val_keys(one, two, capsys, "odd, repeated batch")
+    assert {"val/ivif/PSNR", "val/ivif/ref_psnr", "val/ivif/clipiqa", "val/ivif/maniqa", "val/ivif/psnr"} <= set(val)
