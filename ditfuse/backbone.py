@@ -94,11 +94,15 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None):
     if layout == "diffusers":
         from diffusers import OmniGenTransformer2DModel
 
+        from ditfuse.weights import read_header
+
+        for f in sorted(folder.glob("*.safetensors")):
+            read_header(f)  # a truncated file is named here, not deep inside from_pretrained
         model = OmniGenTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
     else:
         from ditfuse.convert import load_original_transformer
 
-        model = load_original_transformer(folder)
+        model = load_original_transformer(folder, dtype)  # zero copy when stored as dtype
     return model if dtype is None else model.to(dtype)
 
 
