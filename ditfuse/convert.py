@@ -306,6 +306,7 @@ def check_original_weights(path: Path, dtype: torch.dtype | None = None
         raise ValueError(f"{path / 'config.json'} has model_type {raw_cfg['model_type']!r}; OmniGen-v1's is "
                          "'phi3' (a Phi-3 config): pass the OmniGen-v1 folder")
     config = transformer_config_from_original(raw_cfg)
+    _check_shard_set(path)
     files = [(f, read_header(f) if f.suffix == ".safetensors" else None) for f in _original_weight_files(path)]
     headers = {k: (f, i) for f, infos in files if infos is not None for k, i in infos.items()}
     if len(headers) and len(files) == sum(i is not None for _, i in files):
@@ -320,6 +321,22 @@ def check_original_weights(path: Path, dtype: torch.dtype | None = None
                    + (f" + {human(copied)} converted to {dtype})" if copied else ")"),
                    mapped + copied, "store the weights in the dtype you load them in (model.base_dtype)")
     return config, files
+
+
+def _check_shard_set(path: Path) -> None:
+    """model-0000k-of-0000n.safetensors: all n shards present (a partial download names the first gap)."""
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    names = {f.name for f in shards}
+    for f in shards[:1]:
+        m = re.match(r"model-(\d+)-of-(\d+)\.safetensors$", f.name)
+        if m is None:
+            continue
+        width, total = len(m[1]), int(m[2])
+        for k in range(1, total + 1):
+            name = f"model-{k:0{width}d}-of-{m[2]}.safetensors"
+            if name not in names:
+                raise FileNotFoundError(f"{path / name} is missing ({len(names)} of {total} weight shards present); "
+                                        "copy or download the missing shard")
 
 
 def _check_original_shapes(path: Path, config: dict[str, Any], headers: dict[str, tuple[Path, TensorInfo]]) -> None:

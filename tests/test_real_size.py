@@ -72,6 +72,13 @@ def test_truncated_weights_are_named_before_loading(release, tmp_path):
         check_pretrained(folder)
 
 
+def test_a_missing_weight_shard_is_named(release, tmp_path):
+    folder = _copy(release[0], tmp_path / "shards")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors is missing \(1 of 2 weight shards"):
+        check_pretrained(folder)
+
+
 def test_config_of_another_model_is_named_before_loading(release, tmp_path):
     folder = _copy(release[0], tmp_path / "other")
     cfg = json.loads((folder / "config.json").read_text())
