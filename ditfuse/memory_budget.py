@@ -11,13 +11,14 @@ blocks is not (seconds each), so two shallow models are traced, 2 and 3 layers, 
 category is extrapolated linearly: peak(32) = peak(2) + 30 * (peak(3) - peak(2)). Blocks are
 identical, so the increment per block is exact for parameters and checkpointed inputs; 1 layer is
 no base (its only block is the un-checkpointed last one, and the first checkpointed block costs
-twice the later ones: traced activations at batch 1, 1024 px: 1.310, 1.613, 1.765, 1.916 GB for
-1-4 layers).
+more than the later ones).
 
-FSDP (FULL_SHARD over `world` GPUs): parameters, gradients and optimizer state are the traced
-full-model figures divided by `world`; the unit being computed is gathered whole, in the
-mixed-precision dtype (bf16), plus one prefetched unit (FSDP's default backward prefetch);
-activations are the trace's, which checkpoints every block as the policy does.
+FSDP (FULL_SHARD over `world` GPUs, bf16-mixed): fp32 parameter, gradient and AdamW shards are
+16 bytes per parameter / `world`, from the traced model's parameter count; two units (the one
+being computed and the prefetched one) are gathered whole in bf16, with their bf16 gradients
+before the reduce-scatter; activations and temporaries are the trace's, on bf16 compute copies
+as Lightning's FSDPPrecision (param_dtype bf16) runs them, with every block checkpointed as the
+policy does.
 
 Not counted (the 10% headroom the budget test keeps is for them): the CUDA context and the
 caching allocator's fragmentation, NCCL buffers, the VAE encode (no_grad, before the DiT forward,
@@ -62,14 +63,16 @@ class Recipe:
         return 3 * (self.bucket[0] // 16) * (self.bucket[1] // 16)
 
 
-def _fakeify(model: nn.Module, mode, frozen_dtype: torch.dtype | None) -> None:
-    """Meta parameters -> fake CPU tensors. Frozen weights become buffers: MemTracker hooks the
-    gradient of every parameter and refuses ones that need none; a buffer costs the same bytes."""
+def _fakeify(model: nn.Module, mode, frozen_dtype: torch.dtype | None,
+             trainable_dtype: torch.dtype | None = None) -> None:
+    """Meta parameters and buffers -> fake CPU tensors. Frozen weights become buffers: MemTracker
+    hooks the gradient of every parameter and refuses ones that need none; a buffer costs the
+    same bytes."""
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is None:
                 continue
-            dtype = p.dtype if p.requires_grad or frozen_dtype is None else frozen_dtype
+            dtype = (trainable_dtype or p.dtype) if p.requires_grad else (frozen_dtype or p.dtype)
             with mode:
                 fake = torch.empty(p.shape, dtype=dtype)
             if p.requires_grad:
@@ -79,8 +82,12 @@ def _fakeify(model: nn.Module, mode, frozen_dtype: torch.dtype | None) -> None:
                 mod._buffers[name] = fake
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
+                # as module.to(base_dtype) does: float buffers (pos_embed) follow the frozen dtype;
+                # left fp32, pos_embed would promote the whole residual stream to fp32
+                cast = frozen_dtype or trainable_dtype
+                dtype = cast if cast is not None and b.is_floating_point() else b.dtype
                 with mode:
-                    mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+                    mod._buffers[name] = torch.empty(b.shape, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,8 +144,9 @@ def build_step(recipe: Recipe, num_layers: int, fake: bool = True) -> Step:
         tr = tr.to(recipe.base_dtype)
     if lora:
         add_lora(tr, LoraSettings(r=recipe.lora_r, alpha=float(recipe.lora_r), targets=recipe.lora_targets))
-    if fake:
-        _fakeify(tr, mode, recipe.base_dtype if lora else None)
+    if fake:  # FSDP bf16-mixed computes on bf16 gathered copies (Lightning's FSDPPrecision param_dtype)
+        _fakeify(tr, mode, recipe.base_dtype if lora else None,
+                 torch.bfloat16 if recipe.strategy == "fsdp" else None)
     backbone = Backbone(tr, gradient_checkpointing=recipe.checkpointing)
     with mode if fake else torch.device("cpu"):
         inputs = (torch.randn(recipe.batch_size, 4, h, w), torch.rand(recipe.batch_size), cond,
@@ -175,15 +183,15 @@ def _tracker():
 
 def trace_step(recipe: Recipe, num_layers: int, fake: bool = True) -> dict[str, int]:
     """Bytes per category at the per-GPU peak of a steady-state training step of `recipe` at
-    `num_layers` layers (unsharded figures; for FSDP the moment is the one where the sharded
-    total peaks).
+    `num_layers` layers (for FSDP the moment where activations, temporaries and buffers peak).
 
     One step is traced: AdamW's state, allocated by its first `step()`, has the same size all
     through every later step, so a moment's steady state is that moment plus the final
     optimizer state (a warm-up step would double the trace's time)."""
     step = build_step(recipe, num_layers, fake)
-    shard = 1 / recipe.world if recipe.strategy == "fsdp" else 1.0
-    weights = {"param": shard, "grad": shard, "optstate": shard}
+    # FSDP: parameters, gradients and optimizer state are added from the parameter count
+    # (estimate); the peak moment is the activations' own
+    weights = dict.fromkeys(("param", "grad", "optstate"), 0.0 if recipe.strategy == "fsdp" else 1.0)
     with step.mode if fake else torch.device("cpu"):
         tracker = _tracker()
         tracker.track_external(step.backbone, step.opt)
@@ -200,10 +208,14 @@ def estimate(recipe: Recipe) -> dict[str, Any]:
     depth = recipe.num_layers - 2
     full = {k: a[k] + depth * (b[k] - a[k]) for k in CATEGORIES}
     if recipe.strategy == "fsdp":
-        block = b["param"] - a["param"]  # fp32 bytes of one block (one FSDP unit)
-        for k in ("param", "grad", "optstate"):
-            full[k] = full[k] // recipe.world
-        full["gathered"] = 2 * (block // 2)  # two units (current + prefetch) gathered in bf16
+        # traced parameters are the bf16 compute copies: 2 bytes each
+        numel, block = full["param"] // 2, (b["param"] - a["param"]) // 2
+        full["param"] = 4 * numel // recipe.world  # fp32 shards
+        full["grad"] = 4 * numel // recipe.world  # fp32 gradient shards (after reduce-scatter)
+        full["optstate"] = 8 * numel // recipe.world  # AdamW exp_avg + exp_avg_sq, fp32 shards
+        # two units gathered at once (current + backward prefetch): bf16 weights and their bf16
+        # unsharded gradients before the reduce-scatter
+        full["gathered"] = 2 * (2 * block + 2 * block)
     full["total"] = sum(v for k, v in full.items() if k != "total")
     full["tokens"] = recipe.batch_size * recipe.tokens_per_sample
     return full
