@@ -122,3 +122,13 @@ def test_load_bytes_counts_only_conversions_as_copies(release):
     mapped, copied = weights.load_bytes(infos, torch.bfloat16)
     assert copied == 0 and mapped == sum(i.nbytes for i in infos.values())
     assert weights.load_bytes(infos, torch.float32)[1] == 2 * mapped
+
+
+def test_resuming_a_lora_of_another_rank_names_the_setting():
+    from ditfuse.lora import LoraSettings
+    from ditfuse.module import DiTFuseModule
+
+    m = DiTFuseModule(preset="tiny", model_overrides={"num_layers": 1}, lora=LoraSettings(r=2, alpha=2.0))
+    with pytest.raises(ValueError, match=r"the checkpoint's LoRA has rank r=4 but model\.lora\.r is 2; "
+                                         r"set model\.lora\.r=4"):
+        m.on_load_checkpoint({"ditfuse": {"lora": {"r": 4}}, "state_dict": {}})
