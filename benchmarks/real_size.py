@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                              **(checkpoint_facts(ckpt) if ckpt.is_file() else {})}
     im1, im2 = (args.image1, args.image2) if args.image1 else pair()
     fuse = [sys.executable, "-m", "ditfuse.cli", "fuse", "--checkpoint", str(ckpt), "--model", str(args.folder),
-            "--image1", str(im1), "--image2", str(im2), "--steps", "2", "--max-side", str(args.max_side),
+            "--image1", str(im1), "--image2", str(im2), "--task", "ivif", "--steps", "2",
+            "--max-side", str(args.max_side),
             "--device", "cpu", "--no-progress"]
     if "fuse" in steps:
         results["fuse"] = run("fuse", [*fuse, "--dtype", "bf16", "--output", str(work / "fused.png"), "--overwrite"],
