@@ -66,13 +66,19 @@ def fuse_latency(folder: Path, dev: torch.device, cfg: dict) -> list[dict]:
     from ditfuse.prompts import default_prompt
     from ditfuse.sampler import SamplerSettings
 
+    from dataclasses import replace
+
+    from ditfuse.inference import check_max_side
+
+    settings = SamplerSettings(steps=cfg["steps"], guidance_scale=2.5, img_guidance_scale=1.6, seed=0)
+    pipe = FusionPipeline.load(model=str(folder), device=str(dev), dtype="bf16", sampler=settings)
     out = []
     for h, w in cfg["fuse"]:
-        pipe = FusionPipeline.load(model=str(folder), device=str(dev), dtype="bf16", max_side=max(h, w),
-                                   sampler=SamplerSettings(steps=cfg["steps"], guidance_scale=2.5,
-                                                           img_guidance_scale=1.6, seed=0))
+        pipe.max_side = check_max_side(pipe.module, max(h, w))
         a, b = images(h, w)
-        pipe.fuse(a, b, default_prompt("ivif"))  # warm-up: kernels, allocator
+        pipe.sampler = replace(settings, steps=2)
+        pipe.fuse(a, b, default_prompt("ivif"))  # warm-up at this size: kernels, allocator
+        pipe.sampler = settings
         sync(dev)
         peak_reset(dev)
         t0 = time.perf_counter()
@@ -81,7 +87,7 @@ def fuse_latency(folder: Path, dev: torch.device, cfg: dict) -> list[dict]:
         sec = time.perf_counter() - t0
         out.append({"size": f"{w}x{h}", "steps": cfg["steps"], "seconds": sec, "s_per_step": sec / cfg["steps"],
                     "peak_gib": peak_gib(dev), "output": list(fused.shape)})
-        del pipe
+    del pipe
     return out
 
 
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if not dry and not (folder / "vae" / "config.json").is_file():
             from make_real_size import main as make
 
-            make([str(folder)])
+            make([str(folder), "--device", "cuda"])
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "dry_run": dry,
                  "torch": torch.__version__, "folder": str(folder)}
     res["fuse_latency"] = fuse_latency(folder, dev, cfg)

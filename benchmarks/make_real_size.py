@@ -46,17 +46,18 @@ def original_shapes(phi3: dict, layers: int | None = None) -> dict[str, torch.Si
     return {k: v.shape for k, v in sorted(convert_diffusers_state_dict(meta).items())}
 
 
-def draw(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
-    """bf16 values of one tensor: RMSNorm gains 1, biases 0, the rest N(0, STD)."""
+def draw(name: str, shape: torch.Size, seed: int, device: str = "cpu") -> torch.Tensor:
+    """bf16 values of one tensor (on the CPU): RMSNorm gains 1, biases 0, the rest N(0, STD),
+    drawn on `device` (a GPU draws the 3.8B values in seconds, the CPU in minutes)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * STD).to(torch.bfloat16)
+    g = torch.Generator(device).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=device) * STD).to(torch.bfloat16).cpu()
 
 
-def write_safetensors_streaming(path: Path, shapes: dict[str, torch.Size]) -> int:
+def write_safetensors_streaming(path: Path, shapes: dict[str, torch.Size], device: str = "cpu") -> int:
     """A bf16 safetensors file written one tensor at a time; returns its size in bytes."""
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -70,7 +71,7 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, torch.Size]) -> in
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for i, (name, shape) in enumerate(shapes.items()):
-            f.write(draw(name, shape, seed=i).view(torch.int16).numpy().tobytes())
+            f.write(draw(name, shape, seed=i, device=device).view(torch.int16).numpy().tobytes())
     return path.stat().st_size
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path)
     p.add_argument("--layers", type=int, default=None, help="fewer layers (tests); default: the release's 32")
     p.add_argument("--no-vae", action="store_true", help="skip vae/ (tests)")
+    p.add_argument("--device", default="cpu", help="where the values are drawn (cuda: seconds)")
     args = p.parse_args(argv)
     from _release import write_tokenizer
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         phi3["num_hidden_layers"] = args.layers
     t0 = time.perf_counter()
     shapes = original_shapes(phi3)
-    size = write_safetensors_streaming(args.folder / "model.safetensors", shapes)
+    size = write_safetensors_streaming(args.folder / "model.safetensors", shapes, args.device)
     (args.folder / "config.json").write_text(json.dumps(phi3, indent=2))
     write_tokenizer(args.folder)
     if not args.no_vae:
