@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ditfuse.memory_budget import GB, Recipe, estimate, recipe_from_configs, trace_step  # noqa: E402
+from ditfuse.memory_budget import GB, Recipe, estimate, recipe_from_configs, trace_step
 
 RECIPES = {"ddp_a100 (LoRA r=8, bf16 base)": "configs/cluster/ddp_a100.yaml",
            "fsdp_a100 (full fine-tune, fp32 sharded)": "configs/cluster/fsdp_a100.yaml"}

@@ -43,7 +43,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ditfuse.weights import TensorInfo, check_host_ram, human, load_bytes, load_mmap, read_header
+from ditfuse.weights import (
+    TensorInfo,
+    check_host_ram,
+    human,
+    load_bytes,
+    load_mmap,
+    read_header,
+)
 
 Layout = Literal["diffusers", "original"]
 AdapterFormat = Literal["ditfuse", "official"]
