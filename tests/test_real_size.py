@@ -56,6 +56,8 @@ def test_lora_module_keeps_the_bf16_base_uncopied(release):
     attn = m.backbone.transformer.layers[0].self_attn
     q, k = attn.to_q.base_layer.weight, attn.to_k.base_layer.weight
     assert q.dtype == torch.bfloat16 and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    # the adapter trains in fp32 on the bf16 base (peft alone would cast it to bf16)
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_truncated_weights_are_named_before_loading(release, tmp_path):
