@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| model | predicted (trace) MB | measured (VmHWM) MB | error |")
         print("|---|---|---|---|")
         for name, lora in (("LoRA r=8, bf16 base", 8), ("full fine-tune, fp32", None)):
+            base = recipe_from_configs("base", ROOT / "configs/omnigen_lora.yaml")  # base_dtype: bf16
             r = Recipe(name=name, batch_size=1, bucket=(256, 256), lora_r=lora,
-                       base_dtype=None if lora is None else recipe_from_configs(
-                           "x", ROOT / "configs/omnigen_lora.yaml").base_dtype)
+                       base_dtype=base.base_dtype if lora else None)
             for layers in (1, 2):
                 pred, meas = predicted_delta(r, layers), measured_delta(r, layers)
                 err = pred / meas - 1

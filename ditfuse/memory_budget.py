@@ -240,7 +240,12 @@ def recipe_from_configs(name: str, *configs: str | Path) -> Recipe:
                   lora_targets=list(lora.get("targets", ["to_q", "to_k", "to_v", "to_out.0"])) if lora else [],
                   base_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.get("base_dtype")),
                   checkpointing=bool(model.get("gradient_checkpointing")) or fsdp_ckpt, strategy=kind,
-                  world=int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1)))
+                  world=_count(trainer.get("devices", 1)) * _count(trainer.get("num_nodes", 1)))
+
+
+def _count(value: Any) -> int:
+    """trainer.devices / num_nodes as a count; 'auto' (the base config's) counts as 1."""
+    return int(value) if str(value).isdigit() else 1
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
