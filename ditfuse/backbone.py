@@ -296,7 +296,8 @@ class Backbone(nn.Module):
             raise ValueError(f"input latents give {img.shape[1]} tokens per image, the conditioning expects "
                              f"{cond.tokens_per_image}")
         rows, cols = cond.image_token_index()
-        return tokens.index_put((rows, cols), img.reshape(-1, img.shape[-1]))
+        # under autocast the patch conv gives bf16 while an fp32 embedding table gives fp32
+        return tokens.index_put((rows, cols), img.reshape(-1, img.shape[-1]).to(tokens.dtype))
 
     def embed_time(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """time token (B, 1, D) and adaLN embedding temb (B, D); t in [0, 1], 1 = data."""
