@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['gathered']:.2f} | {r['act']:.2f} | {r['temp']:.2f} | {r['total']:.1f} | {fits[0]} | {fits[1]} |")
     checks = []
     if not args.no_validate:
-        print("\nvalidation at 2 layers of OmniGen-v1 width, 256x256 bucket (3 x 256 image tokens), batch 1:")
+        print("\nvalidation at 1-2 layers of OmniGen-v1 width, 256x256 bucket (3 x 256 image tokens), batch 1:")
         print("| model | predicted (trace) MB | measured (VmHWM) MB | error |")
         print("|---|---|---|---|")
         for name, lora in (("LoRA r=8, bf16 base", 8), ("full fine-tune, fp32", None)):
