@@ -94,11 +94,15 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None):
     if layout == "diffusers":
         from diffusers import OmniGenTransformer2DModel
 
+        from ditfuse.weights import read_header
+
+        for f in sorted(folder.glob("*.safetensors")):
+            read_header(f)  # a truncated file is named here, not deep inside from_pretrained
         model = OmniGenTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
     else:
         from ditfuse.convert import load_original_transformer
 
-        model = load_original_transformer(folder)
+        model = load_original_transformer(folder, dtype)  # zero copy when stored as dtype
     return model if dtype is None else model.to(dtype)
 
 
@@ -302,7 +306,8 @@ class Backbone(nn.Module):
             raise ValueError(f"input latents give {img.shape[1]} tokens per image, the conditioning expects "
                              f"{cond.tokens_per_image}")
         rows, cols = cond.image_token_index()
-        return tokens.index_put((rows, cols), img.reshape(-1, img.shape[-1]))
+        # under autocast the patch conv gives bf16 while an fp32 embedding table gives fp32
+        return tokens.index_put((rows, cols), img.reshape(-1, img.shape[-1]).to(tokens.dtype))
 
     def embed_time(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """time token (B, 1, D) and adaLN embedding temb (B, D); t in [0, 1], 1 = data."""

@@ -44,6 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from ditfuse.argparsing import StrictParser
+from ditfuse.weights import (
+    TensorInfo,
+    check_host_ram,
+    human,
+    load_bytes,
+    load_mmap,
+    read_header,
+)
 
 Layout = Literal["diffusers", "original"]
 AdapterFormat = Literal["ditfuse", "official"]
@@ -230,8 +238,10 @@ def convert_original_state_dict(sd: StateDict, config: dict[str, Any]) -> StateD
             if value.shape[0] != sum(sizes):
                 raise ValueError(f"{key} has {value.shape[0]} rows but the config's heads give "
                                  f"{sum(sizes)} (q, k, v = {sizes}); check num_(key_value_)heads")
+            # row blocks of a row-major tensor are contiguous views: no copy of the frozen base
+            # (a clone here held 1.8 GB more of OmniGen-v1 per process, and unshared)
             for name, part in zip(_QKV, value.split(list(sizes), dim=0)):
-                out[f"layers.{m.group(1)}.self_attn.{name}.{m.group(3)}"] = part.clone()
+                out[f"layers.{m.group(1)}.self_attn.{name}.{m.group(3)}"] = part
         elif m and m.group(2) == "o_proj":
             out[f"layers.{m.group(1)}.self_attn.to_out.0.{m.group(3)}"] = value
         else:
@@ -285,21 +295,104 @@ def _check_keys(model: nn.Module, sd: StateDict, source: Path) -> None:
                          "the config and the weights come from different models")
 
 
-def _read_original(path: Path) -> tuple[dict[str, Any], StateDict, Path]:
-    """(diffusers config, converted state dict, weights file) of an original-layout folder."""
+def expected_original_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
+    """Original OmniGen key -> shape for a diffusers transformer config (meta device: no memory)."""
+    meta = _empty_transformer(config, buffers=True).state_dict()
+    return {k: v.shape for k, v in convert_diffusers_state_dict(meta).items()}
+
+
+def check_original_weights(path: Path, dtype: torch.dtype | None = None
+                           ) -> tuple[dict[str, Any], list[tuple[Path, dict[str, TensorInfo] | None]]]:
+    """(diffusers config, [(weights file, header or None for model.pt)]) of an original-layout
+    folder, checked before anything is allocated: config.json is a Phi-3 config, every
+    .safetensors file is whole, its tensors are the ones the config's model has (names and
+    shapes), and the load fits in host RAM. Each failure is one line naming the file."""
     if detect_layout(path) != "original":
         raise ValueError(f"{path} is already in diffusers layout; pass it to load_transformer")
-    config = transformer_config_from_original(_read_json(path / "config.json"))
-    files = _original_weight_files(path)
+    raw_cfg = _read_json(path / "config.json")
+    if raw_cfg.get("model_type", "phi3") != "phi3":
+        raise ValueError(f"{path / 'config.json'} has model_type {raw_cfg['model_type']!r}; OmniGen-v1's is "
+                         "'phi3' (a Phi-3 config): pass the OmniGen-v1 folder")
+    config = transformer_config_from_original(raw_cfg)
+    _check_shard_set(path)
+    files = [(f, read_header(f) if f.suffix == ".safetensors" else None) for f in _original_weight_files(path)]
+    headers = {k: (f, i) for f, infos in files if infos is not None for k, i in infos.items()}
+    if len(headers) and len(files) == sum(i is not None for _, i in files):
+        _check_original_shapes(path, config, headers)
+    mapped = copied = 0
+    for f, infos in files:
+        m, c = load_bytes(infos, dtype) if infos is not None else (f.stat().st_size, 0)
+        mapped, copied = mapped + m, copied + c
+    # mapped pages are page cache, shared by every process of the node that maps the file: one
+    # rank's figure is the node's (a conversion's copies are per process)
+    check_host_ram(f"loading {path} ({human(mapped)} mapped from disk"
+                   + (f" + {human(copied)} converted to {dtype})" if copied else ")"),
+                   mapped + copied, "store the weights in the dtype you load them in (model.base_dtype)")
+    return config, files
+
+
+def _check_shard_set(path: Path) -> None:
+    """model-0000k-of-0000n.safetensors: all n shards present (a partial download names the first gap)."""
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    names = {f.name for f in shards}
+    for f in shards[:1]:
+        m = re.match(r"model-(\d+)-of-(\d+)\.safetensors$", f.name)
+        if m is None:
+            continue
+        width, total = len(m[1]), int(m[2])
+        for k in range(1, total + 1):
+            name = f"model-{k:0{width}d}-of-{m[2]}.safetensors"
+            if name not in names:
+                raise FileNotFoundError(f"{path / name} is missing ({len(names)} of {total} weight shards present); "
+                                        "copy or download the missing shard")
+
+
+def _check_original_shapes(path: Path, config: dict[str, Any], headers: dict[str, tuple[Path, TensorInfo]]) -> None:
+    expected = expected_original_shapes(config)
+    optional = {"pos_embed"}  # a fixed sin-cos table, recomputed when absent
+    missing = sorted(set(expected) - set(headers) - optional)
+    extra = sorted(k for k in set(headers) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    shape = f"config.json: {config['num_layers']} layers, hidden_size {config['hidden_size']}"
+    if missing or extra:
+        names = missing or extra
+        raise ValueError(f"{path}: the weights {'lack' if missing else 'have unexpected'} {len(names)} tensors "
+                         f"of the model its {shape} describes (e.g. {names[:2]}); the config and the "
+                         "weights come from different models")
+    for key, want in expected.items():
+        if key in headers and tuple(headers[key][1].shape) != tuple(want):
+            f, info = headers[key]
+            raise ValueError(f"{f}: tensor {key!r} has shape {list(info.shape)} but {shape} expects "
+                             f"{list(want)}; the config and the weights come from different models")
+
+
+def check_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The checks a load makes before allocating, for a folder of either layout (the CLI runs it
+    before building anything): original layout in full, diffusers layout: whole weight files."""
+    p = Path(path)
+    if detect_layout(p) == "original":
+        check_original_weights(p, dtype)
+        return
+    for f in sorted(_transformer_dir(p).glob("*.safetensors")):
+        read_header(f)
+
+
+def _read_original(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], StateDict, Path]:
+    """(diffusers config, converted state dict, weights file) of an original-layout folder; the
+    safetensors tensors are views of a shared mmap (ditfuse.weights), nothing is copied."""
+    config, files = check_original_weights(path, dtype)
     raw: StateDict = {}
-    for f in files:
-        raw.update(_load_tensors(f))
-    return config, convert_original_state_dict(raw, config), files[0]
+    for f, infos in files:
+        raw.update(load_mmap(f, infos) if infos is not None else _load_tensors(f))
+    return config, convert_original_state_dict(raw, config), files[0][0]
 
 
 def load_original_transformer(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """OmniGenTransformer2DModel from an original OmniGen-v1 folder (dtype None: as stored)."""
-    config, sd, weights = _read_original(Path(path))
+    """OmniGenTransformer2DModel from an original OmniGen-v1 folder (dtype None: as stored).
+
+    Zero copy when the stored dtype is the one asked for: the parameters are views of the
+    file's mmap (load_state_dict(assign=True) keeps the tensors it is given), so ranks on one node
+    share one copy in the page cache."""
+    config, sd, weights = _read_original(Path(path), dtype)
     model = _empty_transformer(config)
     # pos_embed is a fixed sin-cos table; keep the computed one if a checkpoint omits it
     sd.setdefault("patch_embedding.pos_embed", model.patch_embedding.pos_embed)
@@ -586,10 +679,36 @@ def _normalize_ours(state_dict: StateDict) -> StateDict:
     return _ungroup(_group(state_dict))
 
 
+def check_adapter(folder: str | Path, model_config: dict[str, Any] | None = None) -> None:
+    """An adapter's weights against its adapter_config.json (each module's rank is the r, or the
+    rank_pattern entry, the config gives) and, with `model_config`, against the model's width;
+    from the safetensors header alone, so `ditfuse fuse --lora` fails before the model is built."""
+    config_path, weights = _adapter_files(folder)
+    if weights.suffix != ".safetensors":
+        return  # adapter_model.bin: checked when loaded
+    config = _read_json(config_path)
+    ranks = config.get("rank_pattern") or {}
+    from peft.utils.other import get_pattern_key
+
+    for key, info in read_header(weights).items():
+        module, ab = _split_key(key)
+        rank = info.shape[0] if ab == "A" else info.shape[-1]
+        want = ranks.get(get_pattern_key(list(ranks), module), config.get("r")) if ranks else config.get("r")
+        if want is not None and rank != want:
+            raise ValueError(f"{weights}: lora_{ab} of {module!r} has rank {rank} but {config_path.name} says "
+                             f"r={want}; the config and the weights come from different adapters")
+        hidden = (model_config or {}).get("hidden_size")
+        if hidden and ab == "A" and module.endswith(("qkv_proj", "o_proj", "to_q", "to_k", "to_v", "to_out.0")) \
+                and info.shape[-1] != hidden:
+            raise ValueError(f"{weights}: lora_A of {module!r} reads {info.shape[-1]} features but the model's "
+                             f"hidden_size is {hidden}; the adapter was trained on another model")
+
+
 def load_adapter_state(folder: str | Path, model_config: dict[str, Any] | None = None
                        ) -> tuple[StateDict, dict[str, Any]]:
     """(state dict in this framework's naming, adapter config) from an adapter of either format."""
     config_path, weights = _adapter_files(folder)
+    check_adapter(folder, model_config)
     config = _read_json(config_path)
     sd = _load_tensors(weights)
     if _keys_format(list(sd)) == "official":

@@ -145,6 +145,10 @@ def load_module(model: str | None = None, preset: str | None = None, lora: str |
                  "meaningful fusions (use this for tests and demos)")
         if model is not None and not Path(model).is_dir():
             raise FuseError(f"model folder {model} does not exist")
+        if lora:  # a wrong adapter fails in a second, before gigabytes of base weights load
+            from ditfuse.convert import _model_config, check_adapter
+
+            check_adapter(lora, _model_config(Path(model)) if model else None)
         module = DiTFuseModule(preset=preset, pretrained=model, vae_path=vae or _default_vae(model, preset),
                                tokenizer=tokenizer)
         if lora:

@@ -57,6 +57,11 @@ def check_model_config(model: dict[str, Any]) -> None:
     ModelConfig.from_name(model.get("preset", "tiny"), **(model.get("model_overrides") or {}))
     if model.get("pretrained"):
         detect_layout(model["pretrained"])  # raises a FileNotFoundError naming the path
+        from ditfuse.convert import check_pretrained
+        from ditfuse.module import BASE_DTYPES
+
+        # whole files, config vs weights, host RAM: from the headers, before gigabytes are read
+        check_pretrained(model["pretrained"], BASE_DTYPES.get(model.get("base_dtype")) if model.get("lora") else None)
     for key in ("vae_path", "tokenizer"):
         value = model.get(key)
         if value and value != "builtin" and not Path(value).exists():
@@ -252,7 +257,7 @@ class DiTFuseCLI(LightningCLI):
             self._check(cfg)
         except ConfigError:
             raise
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        except (ValueError, TypeError, FileNotFoundError, KeyError, MemoryError) as exc:
             raise ConfigError(str(exc).strip("'\"")) from exc
 
     def _check(self, cfg: Any) -> None:

@@ -64,6 +64,10 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     for name, p in model.named_parameters():
         is_lora = ".lora_" in name
         p.requires_grad_(is_lora)
+        if is_lora and p.dtype in (torch.bfloat16, torch.float16):
+            # peft casts a new adapter to its base layer's dtype; trained in bf16, AdamW's small
+            # updates round away. fp32, as get_peft_model(autocast_adapter_dtype=True) keeps it
+            p.data = p.data.float()
         n += is_lora
     if n == 0:
         raise ValueError(f"lora.targets {settings.targets} matched no module of the backbone")

@@ -194,13 +194,16 @@ class DiTFuseModule(pl.LightningModule):
         self.val_sampler = SamplerSettings(**val_sampler) if isinstance(val_sampler, dict) else val_sampler
 
         # 1. Transformer (+ LoRA)
+        frozen = BASE_DTYPES[base_dtype] if self.lora_settings is not None and base_dtype else None
         if pretrained is not None:
-            transformer = load_transformer(pretrained)
+            # straight into the frozen dtype: a bf16 release stays a view of its shared mmap (no
+            # fp32 copy, one page-cache copy per node), a fp32 one is converted tensor by tensor
+            transformer = load_transformer(pretrained, frozen)
         else:
             transformer = build_transformer(self.preset, seed=seed)
         if self.lora_settings is not None:
-            if base_dtype is not None:
-                transformer = transformer.to({"bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype])
+            if frozen is not None:
+                transformer = transformer.to(frozen)
             # peft draws lora_A from torch's global generator: seed it, so every rank builds the same
             # adapter (FSDP does not broadcast rank 0's weights; DDP does, but only at wrap time)
             with torch.random.fork_rng(devices=[]):
@@ -437,6 +440,10 @@ class DiTFuseModule(pl.LightningModule):
                                  "lora": None if self.lora_settings is None else asdict(self.lora_settings)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get("ditfuse") or {}).get("lora") or {}
+        if self.lora_settings is not None and saved.get("r") not in (None, self.lora_settings.r):
+            raise ValueError(f"the checkpoint's LoRA has rank r={saved['r']} but model.lora.r is "
+                             f"{self.lora_settings.r}; set model.lora.r={saved['r']} to resume it")
         if "state_dict" not in checkpoint:  # sharded: the strategy loaded the weights from the shards
             return
         missing = sorted(self._checkpoint_keys() - set(checkpoint["state_dict"]))
@@ -465,6 +472,9 @@ class DiTFuseModule(pl.LightningModule):
             buffer.seek(0)
             return cls.load_from_checkpoint(buffer, map_location=map_location, strict=False, **overrides)
         return cls.load_from_checkpoint(str(path), map_location=map_location, strict=False, **overrides)
+
+
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # model.base_dtype values
 
 
 def check_strategy(strategy: Any, gradient_checkpointing: bool, base_dtype: str | None) -> None:
