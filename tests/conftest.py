@@ -60,3 +60,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """A 2-layer tiny `Backbone` in eval mode whose zero-init layers are perturbed (zeros would
+    hide differences between sampling paths)."""
+    import torch
+
+    from ditfuse.backbone import Backbone, build_transformer
+    from ditfuse.config import ModelConfig
+
+    tr = build_transformer(ModelConfig.from_name("tiny", num_layers=2), seed=0)
+    with torch.no_grad():
+        for p in tr.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return Backbone(tr.eval())

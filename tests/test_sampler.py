@@ -38,16 +38,6 @@ def test_branch_weights_match_dual_cfg():
     assert branch_weights(1.0, 1.0) == {"c": 1.0}
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone():
-    tr = build_transformer(ModelConfig.from_name("tiny", num_layers=2), seed=0)
-    with torch.no_grad():  # zero-init layers would hide differences
-        for p in tr.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return Backbone(tr.eval())
-
-
 def test_kv_cache_equals_no_cache_and_seeded(tiny_backbone):
     tok = BuiltinTokenizer()
     prompts = [P.default_prompt("ivif"), P.default_prompt("m3")]

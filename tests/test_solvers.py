@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, build_transformer
-from ditfuse.config import ModelConfig
 from ditfuse.sampler import (
     FAST_PRESET,
     GuidedVelocity,
@@ -77,14 +75,9 @@ def test_time_grids():
 # On the tiny backbone: exactness of the neutral settings, KV cache under every solver
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def setup():
-    tr = build_transformer(ModelConfig.from_name("tiny", num_layers=2), seed=0)
-    with torch.no_grad():  # zero-init layers would hide differences
-        for p in tr.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
+def setup(tiny_backbone):
     lat = torch.randn(2, 2, 12, 8, 8, generator=torch.Generator().manual_seed(0))
-    return Backbone(tr.eval()), BuiltinTokenizer(), [P.default_prompt("ivif"), P.default_prompt("m3")], lat
+    return tiny_backbone, BuiltinTokenizer(), [P.default_prompt("ivif"), P.default_prompt("m3")], lat
 
 
 def _sample(setup, **kw):
