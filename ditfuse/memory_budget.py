@@ -185,21 +185,38 @@ def trace_step(recipe: Recipe, num_layers: int, fake: bool = True) -> dict[str, 
     """Bytes per category at the per-GPU peak of a steady-state training step of `recipe` at
     `num_layers` layers (for FSDP the moment where activations, temporaries and buffers peak).
 
-    One step is traced: AdamW's state, allocated by its first `step()`, has the same size all
-    through every later step, so a moment's steady state is that moment plus the final
-    optimizer state (a warm-up step would double the trace's time)."""
+    AdamW's state is allocated before the trace (`_init_adamw_state`: what its first `step()`
+    allocates, without tracing a whole warm-up step), so the traced step is a steady-state one.
+    MemTracker files everything allocated inside `opt.step()` under "Optstate"; beyond the
+    resident state that is the step's temporaries (AdamW's sqrt(exp_avg_sq) and its quotient,
+    twice the largest parameter: 0.79 GB for the fp32 token embedding of a full fine-tune), with
+    all gradients still alive: the peak of a full fine-tune's step. They are moved to "temp"."""
     step = build_step(recipe, num_layers, fake)
+    fsdp = recipe.strategy == "fsdp"
     # FSDP: parameters, gradients and optimizer state are added from the parameter count
-    # (estimate); the peak moment is the activations' own
-    weights = dict.fromkeys(("param", "grad", "optstate"), 0.0 if recipe.strategy == "fsdp" else 1.0)
+    # (estimate); the peak moment is the activations' own (its AdamW step runs on the shards,
+    # after the backward freed the activations)
+    weights = dict.fromkeys(("param", "grad", "optstate"), 0.0 if fsdp else 1.0)
     with step.mode if fake else torch.device("cpu"):
+        _init_adamw_state(step.opt)
         tracker = _tracker()
         tracker.track_external(step.backbone, step.opt)
         with tracker:
             step.run()
-    state = tracker.moments[-1]["optstate"]
-    steady = [{**m, "optstate": state} for m in tracker.moments]
+    state = min(m["optstate"] for m in tracker.moments)  # the resident state (outside opt.step())
+    steady = [{**m, "optstate": state, "temp": m["temp"] + (0 if fsdp else m["optstate"] - state)}
+              for m in tracker.moments]
     return max(steady, key=lambda m: sum(weights.get(k, 1.0) * v for k, v in m.items()))
+
+
+def _init_adamw_state(opt: torch.optim.Optimizer) -> None:
+    """AdamW's state as its first `step()` leaves it (zero moments, a step count), allocated by
+    that step itself on zero gradients, which are freed again."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def estimate(recipe: Recipe) -> dict[str, Any]:
