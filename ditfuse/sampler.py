@@ -37,6 +37,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from ditfuse import solvers
 from ditfuse.conditioning import NEGATIVE_PROMPT, build_conditioning, image_only_prompt
 from ditfuse.flow import timesteps
 from ditfuse.solvers import SCHEDULES, SOLVERS, solve, time_grid
@@ -115,12 +116,7 @@ def euler(velocity: VelocityFn, x0: Tensor, steps: int, state_dtype: torch.dtype
     """
     ts = timesteps(steps)
     if state_dtype is None:
-        ts_list = ts.tolist()
-        x = x0
-        for t_cur, t_next in zip(ts_list[:-1], ts_list[1:]):
-            t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.float32)
-            x = x + (t_next - t_cur) * velocity(x, t).float()
-        return x
+        return solvers.euler(velocity, x0, ts)
     x = x0.to(state_dtype)
     for i in range(steps):
         t = (torch.zeros(x.shape[0]) + ts[i]).to(x.device, state_dtype)

@@ -62,7 +62,7 @@ def _full(x: Tensor, t: float) -> Tensor:
 
 
 def euler(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
-    """x <- x + (t_next - t) v(x, t) in float32 (the same operations as ditfuse.sampler.euler)."""
+    """x <- x + (t_next - t) v(x, t) in float32 (also the float32 path of ditfuse.sampler.euler)."""
     ts_list = ts.tolist()
     x = x0
     for t_cur, t_next in pairwise(ts_list):
