@@ -8,6 +8,7 @@ and checkpoint policies the cluster recipe names (configs/cluster/fsdp_a100.yaml
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import socket
@@ -123,38 +124,76 @@ def _clean(name: str) -> str:
     return name.removeprefix("model.")
 
 
-def _worker(rank: int, port: int, flavour: str, lora: bool, checkpointing: str, result: dict) -> None:
+def _equivalence(rank: int, flavour: str, lora: bool, checkpointing: str) -> dict:
+    """One case: the wrapped model's loss, gradients and KV-cached sample against the unwrapped one."""
+    ref_loss, ref_grads, ref_sample = _reference(lora)
+    model = _model(lora, checkpointing=checkpointing == "model")
+    root = _fsdp1(model, checkpointing == "policy") if flavour == "fsdp1" else _fsdp2(model)
+    loss = root(_batch())  # both ranks: the same batch, so the averaged gradient is the reference
+    loss.backward()
+    grads = _full_grads(root, flavour)
+    with torch.no_grad():
+        sample = root(_batch(), sample=True)  # prefill + KV-cached steps through the units
+    if rank != 0:
+        return {}
+    ref = ref_grads
+    return {"loss": (loss.item(), ref_loss), "sample": (sample - ref_sample).abs().max().item(),
+            "names": (sorted(grads), sorted(ref)),
+            "grad": max((grads[n] - ref[n]).abs().max().item() / (ref[n].abs().max().item() + 1e-12)
+                        for n in ref if n in grads),
+            "nonzero": min(grads[n].abs().sum().item() for n in grads),
+            "zero": [n for n in grads if not grads[n].abs().sum()],
+            "worst": max(((grads[n] - ref[n]).abs().max().item(), ref[n].abs().max().item(), n)
+                         for n in ref if n in grads)}
+
+
+def _worker(rank: int, port: int, cases: list, folder: str, result: dict) -> None:
+    """Every case in one process group: the 2 spawned interpreters start once for the module (the
+    start-up, not the cases, is most of the time). A case that raises on rank 0 is reported as
+    that case's failure; the others still run."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a case that fails on one rank only leaves the other in a collective: the timeout ends it
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     try:
-        ref_loss, ref_grads, ref_sample = _reference(lora)
-        model = _model(lora, checkpointing=checkpointing == "model")
-        root = _fsdp1(model, checkpointing == "policy") if flavour == "fsdp1" else _fsdp2(model)
-        loss = root(_batch())  # both ranks: the same batch, so the averaged gradient is the reference
-        loss.backward()
-        grads = _full_grads(root, flavour)
-        with torch.no_grad():
-            sample = root(_batch(), sample=True)  # prefill + KV-cached steps through the units
-        if rank == 0:
-            ref = ref_grads
-            result.update(loss=(loss.item(), ref_loss), sample=(sample - ref_sample).abs().max().item(),
-                          names=(sorted(grads), sorted(ref)),
-                          grad=max((grads[n] - ref[n]).abs().max().item() / (ref[n].abs().max().item() + 1e-12)
-                                   for n in ref if n in grads),
-                          nonzero=min(grads[n].abs().sum().item() for n in grads),
-                          zero=[n for n in grads if not grads[n].abs().sum()],
-                          worst=max(((grads[n] - ref[n]).abs().max().item(), ref[n].abs().max().item(), n)
-                                    for n in ref if n in grads))
+        for case in cases:
+            try:
+                if case[0] == "sharded":
+                    out = _sharded(rank, case[1], str(Path(folder) / _case_id(case)))
+                else:
+                    out = _equivalence(rank, *case)
+            except Exception as e:  # noqa: BLE001 - reported to the test of this case
+                out = {"error": f"rank {rank}: {type(e).__name__}: {e}"}
+                if rank != 0:
+                    result[_case_id(case) + f"/rank{rank}"] = out
+            if rank == 0:
+                result[_case_id(case)] = out
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _run(flavour: str, lora: bool, checkpointing: str = "none") -> dict:
+CASES = [("fsdp1", False, "none"), ("fsdp1", True, "none"), ("fsdp1", True, "model"), ("fsdp1", True, "policy"),
+         ("fsdp2", False, "none"), ("fsdp2", True, "none"), ("sharded", False), ("sharded", True)]
+
+
+def _case_id(case: tuple) -> str:
+    return "-".join(str(c) for c in case)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("fsdp")
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), flavour, lora, checkpointing, result), nprocs=2, join=True)
+        mp.spawn(_worker, args=(_free_port(), CASES, str(folder), result), nprocs=2, join=True)
         return dict(result)
+
+
+def _result(results: dict, case: tuple) -> dict:
+    errors = [v["error"] for k, v in results.items() if k.startswith(_case_id(case)) and "error" in v]
+    assert not errors, errors
+    return results[_case_id(case)]
 
 
 def _check(r: dict) -> None:
@@ -168,27 +207,27 @@ def _check(r: dict) -> None:
 
 
 @pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full", "lora"])
-def test_fsdp1_one_unit_per_block_matches_unwrapped(lora):
-    _check(_run("fsdp1", lora))
+def test_fsdp1_one_unit_per_block_matches_unwrapped(lora, fsdp_results):
+    _check(_result(fsdp_results, ("fsdp1", lora, "none")))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", ["model", "policy"])
-def test_fsdp1_activation_checkpointing_per_block(checkpointing):
-    _check(_run("fsdp1", lora=True, checkpointing=checkpointing))
+def test_fsdp1_activation_checkpointing_per_block(checkpointing, fsdp_results):
+    _check(_result(fsdp_results, ("fsdp1", True, checkpointing)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp2_fully_shard_per_block_matches_unwrapped(lora):
-    _check(_run("fsdp2", lora))
+def test_fsdp2_fully_shard_per_block_matches_unwrapped(lora, fsdp_results):
+    _check(_result(fsdp_results, ("fsdp2", lora, "none")))
 
 
 # ---------------------------------------------------------------------------------------------
 # Sharded checkpoints: written as Lightning's FSDPStrategy(state_dict_type="sharded") writes them,
 # resumed as it resumes them, and read by DiTFuseModule.from_checkpoint (`ditfuse fuse --checkpoint`)
 # ---------------------------------------------------------------------------------------------
-def _sharded_worker(rank: int, port: int, lora: bool, folder: str, result: dict) -> None:
+def _sharded(rank: int, lora: bool, folder: str) -> dict:
     import lightning
     from lightning.fabric.strategies.fsdp import (_distributed_checkpoint_load, _distributed_checkpoint_save,
                                                   _get_sharded_state_dict_context)
@@ -196,57 +235,49 @@ def _sharded_worker(rank: int, port: int, lora: bool, folder: str, result: dict)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     wrap = functools.partial(FSDP, auto_wrap_policy=ModuleWrapPolicy({OmniGenBlock}), use_orig_params=True,
                              device_id=torch.device("cpu"))
-    try:
-        model = _model(lora)
-        root = wrap(model)  # Lightning wraps the LightningModule itself
-        opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.1)
-        # Lightning calls training_step through the root unit's forward (its _ForwardRedirection)
-        loss = _ForwardRedirection()(root, model, "flow_loss", _batch(), dropout=False, seeds=[1, 2, 3])
-        loss.mean().backward()  # then a step moves the weights
-        opt.step()
-        # save (FSDPStrategy.save_checkpoint, sharded): the hook sees a sharded state dict
-        with _get_sharded_state_dict_context(root):
-            checkpoint = {"state_dict": root.state_dict(), "hyper_parameters": dict(model.hparams),
-                          "pytorch-lightning_version": lightning.__version__}
-        model.on_save_checkpoint(checkpoint)
-        _distributed_checkpoint_save({"model": checkpoint.pop("state_dict")}, Path(folder))
-        if rank == 0:
-            torch.save(checkpoint, Path(folder) / "meta.pt")
-        dist.barrier()
-        # resume (FSDPStrategy.load_checkpoint, sharded): the whole module's keys are loaded
-        fresh = _model(lora)
-        root2 = wrap(fresh)
-        with _get_sharded_state_dict_context(root2):
-            state = {"model": root2.state_dict()}
-            _distributed_checkpoint_load(state, Path(folder))
-            root2.load_state_dict(state["model"], strict=fresh.strict_loading)
-        fresh.on_load_checkpoint(torch.load(Path(folder) / "meta.pt", weights_only=False))
-        with FSDP.summon_full_params(root), FSDP.summon_full_params(root2):
-            trained = {_clean(n): p.detach().clone() for n, p in root.named_parameters()}
-            resumed = {_clean(n): p.detach().clone() for n, p in root2.named_parameters()}
-        dist.barrier()
-        if rank == 0:  # `ditfuse fuse --checkpoint FOLDER` loads through from_checkpoint
-            loaded = dict(DiTFuseModule.from_checkpoint(folder).named_parameters())
-            init = dict(_model(lora).named_parameters())
-            result.update(
-                resumed=max((trained[n] - resumed[n]).abs().max().item() for n in trained),
-                loaded=max((trained[n] - loaded[n].detach()).abs().max().item() for n in trained),
-                moved=sum((trained[n] - init[n].detach()).abs().sum().item() for n in trained if init[n].requires_grad))
-    finally:
-        dist.destroy_process_group()
+    model = _model(lora)
+    root = wrap(model)  # Lightning wraps the LightningModule itself
+    opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.1)
+    # Lightning calls training_step through the root unit's forward (its _ForwardRedirection)
+    loss = _ForwardRedirection()(root, model, "flow_loss", _batch(), dropout=False, seeds=[1, 2, 3])
+    loss.mean().backward()  # then a step moves the weights
+    opt.step()
+    # save (FSDPStrategy.save_checkpoint, sharded): the hook sees a sharded state dict
+    with _get_sharded_state_dict_context(root):
+        checkpoint = {"state_dict": root.state_dict(), "hyper_parameters": dict(model.hparams),
+                      "pytorch-lightning_version": lightning.__version__}
+    model.on_save_checkpoint(checkpoint)
+    _distributed_checkpoint_save({"model": checkpoint.pop("state_dict")}, Path(folder))
+    if rank == 0:
+        torch.save(checkpoint, Path(folder) / "meta.pt")
+    dist.barrier()
+    # resume (FSDPStrategy.load_checkpoint, sharded): the whole module's keys are loaded
+    fresh = _model(lora)
+    root2 = wrap(fresh)
+    with _get_sharded_state_dict_context(root2):
+        state = {"model": root2.state_dict()}
+        _distributed_checkpoint_load(state, Path(folder))
+        root2.load_state_dict(state["model"], strict=fresh.strict_loading)
+    fresh.on_load_checkpoint(torch.load(Path(folder) / "meta.pt", weights_only=False))
+    with FSDP.summon_full_params(root), FSDP.summon_full_params(root2):
+        trained = {_clean(n): p.detach().clone() for n, p in root.named_parameters()}
+        resumed = {_clean(n): p.detach().clone() for n, p in root2.named_parameters()}
+    dist.barrier()
+    if rank != 0:
+        return {}
+    # `ditfuse fuse --checkpoint FOLDER` loads through from_checkpoint
+    loaded = dict(DiTFuseModule.from_checkpoint(folder).named_parameters())
+    init = dict(_model(lora).named_parameters())
+    return {"resumed": max((trained[n] - resumed[n]).abs().max().item() for n in trained),
+            "loaded": max((trained[n] - loaded[n].detach()).abs().max().item() for n in trained),
+            "moved": sum((trained[n] - init[n].detach()).abs().sum().item() for n in trained if init[n].requires_grad)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sharded_checkpoint_resumes_and_loads_for_fuse(lora, tmp_path):
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_sharded_worker, args=(_free_port(), lora, str(tmp_path / "ckpt"), result), nprocs=2, join=True)
-        r = dict(result)
+def test_sharded_checkpoint_resumes_and_loads_for_fuse(lora, fsdp_results):
+    r = _result(fsdp_results, ("sharded", lora))
     assert r["moved"] > 0, "the optimizer step changed the trained weights"
     assert r["resumed"] == 0.0 and r["loaded"] == 0.0, r
