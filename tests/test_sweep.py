@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -48,6 +47,17 @@ def base(tmp_path: Path) -> Path:
 
 
 needs_demo = needs_demo_file = pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo.yaml is not there yet")
+
+
+def _print_config(*args: str) -> dict:
+    """What `ditfuse fit ARGS --print_config` prints, run in this process (as the command parses)."""
+    from ditfuse.lightning_cli import run_lightning_cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
+        run_lightning_cli(["fit", *args, "--print_config"])
+    assert stop.value.code in (0, None), out.getvalue()[-3000:]
+    return yaml.safe_load(out.getvalue())
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -145,11 +155,7 @@ def test_sweep_point_is_the_config_fit_composes(tmp_path):
     assert rc == 0, err
     point = json.loads((out / "manifest.json").read_text())["points"][0]
     swept = yaml.safe_load(Path(point["config"]).read_text())
-    res = subprocess.run([sys.executable, "-m", "ditfuse.cli", "fit", "--config", str(DEMO), "--config", str(exp),
-                          "--data.ratios.m3=0.6", "--print_config"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    fit = yaml.safe_load(res.stdout)
+    fit = _print_config("--config", str(DEMO), "--config", str(exp), "--data.ratios.m3=0.6")
     assert swept["data"]["ratios"] == fit["data"]["ratios"] == {"fusion": 0.5, "m3": 0.6}
     # the sweep only re-routes outputs (run folder, logger, checkpoint dirs) and adds HParamsLogger
     routed = ("default_root_dir", "logger", "callbacks")
@@ -309,10 +315,7 @@ def test_sweep_checks_keys_the_yaml_leaves_at_their_default(tmp_path):
 def test_sweep_configs_parse_with_print_config(tmp_path):
     manifest = _demo_sweep(tmp_path)
     for p in manifest["points"]:
-        res = subprocess.run([sys.executable, "-m", "ditfuse.cli", "fit", "--config", p["config"], "--print_config"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        printed = yaml.safe_load(res.stdout)
+        printed = _print_config("--config", p["config"])
         data = printed["data"].get("init_args", printed["data"])
         assert data["ratios"]["m3"] == p["values"]["data.ratios.m3"]
 
