@@ -37,6 +37,10 @@ def test_notebook_executes(name, expect, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("DITFUSE_NOTEBOOK_DIR", str(tmp_path))  # the kernel inherits the environment
+    # the training cell runs as shipped, shortened: what the test checks (the cells run, the fit's
+    # curves and checkpoint feed fuse and eval) does not need the 200 steps a reader's run takes;
+    # that a trained tiny model learns is test_cli_fit.py::test_demo_reaches_margin's job
+    monkeypatch.setenv("DITFUSE_QUICKSTART_STEPS", "20")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     start = time.time()
