@@ -12,6 +12,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # 2 xdist workers share the 2 cores: one intra-op thread each (OpenMP threads of two busy
+    # processes oversubscribe); subprocesses inherit OMP_NUM_THREADS
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED_IVIF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ivif"
 
@@ -23,6 +30,23 @@ class _NoNetwork(socket.socket):
                 self.family == socket.AF_UNIX:
             return super().connect(address)
         raise RuntimeError(f"test tried to reach the network ({address!r}); tests must stay offline")
+
+
+# The longest test first: with 2 xdist workers (pyproject addopts) the suite's wall time is at
+# least this test's, so it must not start last.
+FIRST = ("test_cli_fit.py::test_demo_reaches_margin",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Schedule for `--dist loadgroup`: slow tests are units of their own, queued first (longest-
+    processing-first keeps the 2 workers busy to the end); the fast tests of a module stay together
+    so that module-scoped fixtures are built once. A test with its own xdist_group keeps it."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = lambda item: (0 if item.nodeid.endswith(FIRST) else 1 if item.get_closest_marker("slow") else 2)  # noqa: E731
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -27,6 +27,8 @@ from ditfuse.lora import LoraSettings
 from ditfuse.module import DiTFuseModule
 from ditfuse.sampler import SamplerSettings
 
+# one worker runs the whole module: every case shares the module's 2-process group (fsdp_results)
+pytestmark = pytest.mark.xdist_group("fsdp")
 LAYERS = 2
 TOL = 1e-5
 

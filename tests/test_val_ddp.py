@@ -21,6 +21,7 @@ from ditfuse import prompts as P
 from ditfuse.lightning_cli import run_lightning_cli
 from ditfuse.module import GlobalMeans, DiTFuseModule, sample_seed, val_metric_names
 
+pytestmark = pytest.mark.xdist_group("val_ddp")  # the module's checkpoint fixture is built once
 TASKS = P.TASKS
 REL = 1e-4
 
