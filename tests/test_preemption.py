@@ -165,35 +165,48 @@ def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resu
     _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
 
 
-@pytest.mark.parametrize("sig, target", [(signal.SIGINT, "group"), (signal.SIGTERM, "rank0")],
-                         ids=["SIGINT-all-ranks", "SIGTERM-rank0-alone"])
-def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir, sig, target):
-    """2 gloo ranks: the signal to every process (a job step's scancel, Ctrl-C) or to rank 0
-    alone. The ranks agree on the step, rank 0 saves it, both exit; the same command resumes."""
-    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
+def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir):
+    """2 gloo ranks, one run resumed twice (each DDP launch is 2 fresh interpreters, so the cases
+    share them): SIGINT to every process (Ctrl-C, a job step's scancel), then, in the resumed run,
+    SIGTERM to rank 0 alone. Each time the ranks agree on the step, rank 0 saves it, both exit
+    128 + signal; the same command resumes at that step, and the last run ends the schedule."""
+    max_steps = 12  # room for two stops of at least 2 steps each
+    cfg = override(tmp_path, demo_dir, max_steps=max_steps, callbacks=_interrupt_callbacks(tmp_path),
                    strategy="ddp", devices=2)
     cmd = fit_cmd(cfg, "--ckpt_path", "last")
-    proc = _start_group(cmd)
-    both_ran = lambda n: all(len(_batches(read_runlog(tmp_path / "runlog", r), None)) >= n for r in (0, 1))
-    _wait(lambda: both_ran(3), proc, "3 training steps on both ranks")
-    if target == "group":
-        os.killpg(proc.pid, sig)
-    else:
-        proc.send_signal(sig)  # rank 0 is the launching process; rank 1 is its child
-    ckpt_step, _ = _stopped(proc, sig, tmp_path)
-    stops = [[r for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == "exception"] for rank in (0, 1)]
-    assert [[(s["type"], s["step"]) for s in st] for st in stops] == [[("SignalStop", ckpt_step)]] * 2
-    assert 3 <= ckpt_step < MAX_STEPS
+    earlier: set[int] = set()  # the pids of the runs before the current one
+
+    def batches(rank: int) -> list[dict]:
+        return [r for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == "batch" and r["pid"] not in earlier]
+
+    def run_until_signal(sig: int, target: str, start_step: int, steps: int) -> int:
+        proc = _start_group(cmd)
+        _wait(lambda: all(len(batches(r)) >= steps for r in (0, 1)), proc, f"{steps} training steps on both ranks")
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)  # rank 0 is the launching process; rank 1 is its child
+        step, _ = _stopped(proc, sig, tmp_path)
+        for rank in (0, 1):
+            log = [r for r in read_runlog(tmp_path / "runlog", rank) if r["pid"] not in earlier]
+            assert [r["step"] for r in log if r["event"] == "train_start"] == [start_step]
+            assert [(r["type"], r["step"]) for r in log if r["event"] == "exception"] == [("SignalStop", step)]
+            assert [r["step"] for r in log if r["event"] == "batch"] == list(range(start_step + 1, step + 1))
+            earlier.update(r["pid"] for r in log)
+        return step
+
+    first = run_until_signal(signal.SIGINT, "group", 0, 3)
+    assert 3 <= first < max_steps
+    second = run_until_signal(signal.SIGTERM, "rank0", first, 2)
+    assert first + 2 <= second < max_steps
 
     run_fit(cfg, "--ckpt_path", "last")
     for rank in (0, 1):
-        log = read_runlog(tmp_path / "runlog", rank)
-        start = [r for r in log if r["event"] == "train_start"][-1]
-        assert start["step"] == ckpt_step
-        resumed = [r["step"] for r in log if r["event"] == "batch" and r["pid"] == start["pid"]]
-        assert resumed == list(range(ckpt_step + 1, MAX_STEPS + 1))
+        log = [r for r in read_runlog(tmp_path / "runlog", rank) if r["pid"] not in earlier]
+        assert [r["step"] for r in log if r["event"] == "train_start"] == [second]
+        assert [r["step"] for r in log if r["event"] == "batch"] == list(range(second + 1, max_steps + 1))
     final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert final["global_step"] == MAX_STEPS
+    assert final["global_step"] == max_steps
 
 
 def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, demo_dir):
