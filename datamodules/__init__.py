@@ -1,6 +1,6 @@
 """Shard schema and writers, per-kind pipelines, M3 degradations and the mixing DataModule.
 
-The names below are imported on first use (PEP 562), so `import datamodules.cli` (`ditfuse shards
+The names below are imported on first use (PEP 562), so `import ditfuse.commands.shards` (`ditfuse shards
 --help`) does not pay for lightning and torch.
 """
 

@@ -17,9 +17,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ditfuse.sweep as sweep_mod
+import ditfuse.commands.sweep as sweep_mod
 from callbacks.hparams import HParamsLogger
-from ditfuse.sweep import main as sweep
+from ditfuse.commands.sweep import main as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -50,7 +50,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ditfuse.argparsing import StrictParser
+from ditfuse.commands.argparsing import StrictParser
+from ditfuse.commands.lightning_cli import run_lightning_cli
 
 TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 HPARAMS_CALLBACK = "callbacks.HParamsLogger"
@@ -231,8 +232,6 @@ def cli_composer(configs: list[Path]) -> Composer:
 
 def print_config(args: list[str]) -> DictConfig:
     """Run the fit CLI's --print_config here (no subprocess: Lightning is imported once)."""
-    from ditfuse.lightning_cli import run_lightning_cli
-
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
