@@ -5,7 +5,8 @@
 - library code imports project modules at module level only: a function-level import hides a
   cycle or an upward edge. The three commands in LAZY import on first use, each for the reason
   given there;
-- only the commands know argparse / LightningCLI and the data layer.
+- only the commands know argparse / LightningCLI and the data layer; the model and the math
+  (core, interop, eval, model, sampling) import no Lightning.
 """
 
 from __future__ import annotations
@@ -159,6 +160,13 @@ def test_only_the_commands_parse_arguments():
            if layer(mod) not in ("ditfuse.commands", "ditfuse.cli")
            for name, line, _ in _imports(path) if name.startswith(ARGPARSERS)]
     assert not bad, "argument parsing belongs in ditfuse/commands/:\n" + "\n".join(bad)
+
+
+def test_the_model_and_the_math_import_no_lightning():
+    pure = ("ditfuse.core", "ditfuse.interop", "ditfuse.eval", "ditfuse.model", "ditfuse.sampling")
+    bad = [f"{_where(mod, line)}: {mod} imports {name}" for mod, path in MODULES.items() if layer(mod) in pure
+           for name, line, _ in _imports(path) if name.split(".")[0] in ("lightning", "pytorch_lightning")]
+    assert not bad, "\n".join(bad)
 
 
 def test_package_discovery_finds_every_sub_package():
