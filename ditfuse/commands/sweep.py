@@ -51,7 +51,6 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ditfuse.commands.argparsing import StrictParser
-from ditfuse.commands.lightning_cli import run_lightning_cli
 
 TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 HPARAMS_CALLBACK = "callbacks.HParamsLogger"
@@ -232,6 +231,10 @@ def cli_composer(configs: list[Path]) -> Composer:
 
 def print_config(args: list[str]) -> DictConfig:
     """Run the fit CLI's --print_config here (no subprocess: Lightning is imported once)."""
+    # imported here, not at the top: `ditfuse sweep --help` and a bad --grid answer in 0.3 s
+    # instead of the ~5 s Lightning and the model stack take (tests/test_layout.py, LAZY)
+    from ditfuse.commands.lightning_cli import run_lightning_cli
+
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
