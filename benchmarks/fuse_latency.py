@@ -25,12 +25,12 @@ import time
 
 import torch
 
-from ditfuse.backbone import Backbone
-from ditfuse.codec import VaeCodec
-from ditfuse.config import ModelConfig
-from ditfuse.prompts import default_prompt
-from ditfuse.sampler import SamplerSettings, sample_latents
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.model.backbone import Backbone
+from ditfuse.model.codec import VaeCodec
+from ditfuse.model.config import ModelConfig
+from ditfuse.core.prompts import default_prompt
+from ditfuse.sampling.sampler import SamplerSettings, sample_latents
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 # SDXL VAE shape (stabilityai/sdxl-vae config.json)
 SDXL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,

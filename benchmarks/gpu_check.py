@@ -64,9 +64,9 @@ def images(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def fuse_latency(folder: Path, dev: torch.device, cfg: dict) -> list[dict]:
     from dataclasses import replace
 
-    from ditfuse.inference import FusionPipeline, check_max_side
-    from ditfuse.prompts import default_prompt
-    from ditfuse.sampler import SamplerSettings
+    from ditfuse.pipeline import FusionPipeline, check_max_side
+    from ditfuse.core.prompts import default_prompt
+    from ditfuse.sampling.sampler import SamplerSettings
 
     settings = SamplerSettings(steps=cfg["steps"], guidance_scale=2.5, img_guidance_scale=1.6, seed=0)
     pipe = FusionPipeline.load(model=str(folder), device=str(dev), dtype="bf16", sampler=settings)
@@ -102,7 +102,7 @@ def sdpa_kernels(fn) -> list[str]:
 
 
 def train_module(folder: Path, dev: torch.device, checkpointing: bool = True):
-    from ditfuse.lora import LoraSettings
+    from ditfuse.model.lora import LoraSettings
     from ditfuse.module import DiTFuseModule
 
     m = DiTFuseModule(preset="omnigen-v1", pretrained=str(folder), lora=LoraSettings(r=8, alpha=8.0),
@@ -111,7 +111,7 @@ def train_module(folder: Path, dev: torch.device, checkpointing: bool = True):
 
 
 def train_batch(px: int, batch: int = 1) -> dict:
-    from ditfuse.prompts import default_prompt
+    from ditfuse.core.prompts import default_prompt
 
     g = torch.Generator().manual_seed(0)
     return {"images": torch.rand(batch, 2, 3, px, px, generator=g) * 2 - 1,
@@ -150,9 +150,9 @@ def train_step_figures(folder: Path, dev: torch.device, cfg: dict) -> tuple[dict
 
 def inference_kernels(folder: Path, dev: torch.device, cfg: dict) -> dict:
     """Kernels of the condition prefill (masked prefix rows) and of one denoising step (output rows)."""
-    from ditfuse.conditioning import build_conditioning
+    from ditfuse.model.conditioning import build_conditioning
     from ditfuse.module import DiTFuseModule
-    from ditfuse.prompts import default_prompt
+    from ditfuse.core.prompts import default_prompt
 
     m = DiTFuseModule(preset="omnigen-v1", pretrained=str(folder)).to(dev, torch.bfloat16).eval()
     m.codec.float()
@@ -171,9 +171,9 @@ def inference_kernels(folder: Path, dev: torch.device, cfg: dict) -> dict:
 
 
 def official_difference(folder: Path, dev: torch.device, cfg: dict) -> dict:
-    from ditfuse.inference import FusionPipeline
-    from ditfuse.prompts import default_prompt
-    from ditfuse.sampler import SamplerSettings
+    from ditfuse.pipeline import FusionPipeline
+    from ditfuse.core.prompts import default_prompt
+    from ditfuse.sampling.sampler import SamplerSettings
 
     side = cfg["official_side"]
     a, b = images(side * 3 // 4, side, seed=1)

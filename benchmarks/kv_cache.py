@@ -22,7 +22,7 @@ import time
 import torch
 
 from ditfuse.module import DiTFuseModule
-from ditfuse.prompts import default_prompt
+from ditfuse.core.prompts import default_prompt
 
 
 def timed(fn, *args) -> tuple[float, float, torch.Tensor]:

@@ -37,7 +37,7 @@ STD = 0.02  # Phi-3's initializer_range (config.json)
 
 def original_shapes(phi3: dict, layers: int | None = None) -> dict[str, torch.Size]:
     """Original OmniGen key -> shape, from the diffusers model built on the meta device."""
-    from ditfuse.convert import (
+    from ditfuse.interop.convert import (
         _empty_transformer,
         convert_diffusers_state_dict,
         transformer_config_from_original,

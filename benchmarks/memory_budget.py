@@ -1,4 +1,4 @@
-"""Per-GPU memory of the shipped cluster recipes at full OmniGen-v1 depth (ditfuse/memory_budget.py:
+"""Per-GPU memory of the shipped cluster recipes at full OmniGen-v1 depth (ditfuse/model/memory_budget.py:
 fake-tensor trace + torch's MemTracker), at the configured per-GPU batch and halved ones, and the
 validation of the traced step against a real CPU measurement at 2 layers of OmniGen-v1 width.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ditfuse.memory_budget import GB, Recipe, estimate, recipe_from_configs, trace_step
+from ditfuse.model.memory_budget import GB, Recipe, estimate, recipe_from_configs, trace_step
 
 RECIPES = {"ddp_a100 (LoRA r=8, bf16 base)": "configs/cluster/ddp_a100.yaml",
            "fsdp_a100 (full fine-tune, fp32 sharded)": "configs/cluster/fsdp_a100.yaml"}
@@ -34,7 +34,7 @@ HEADROOM = 0.9  # the budget test's 10%
 CHILD = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from ditfuse.memory_budget import Recipe, build_step
+from ditfuse.model.memory_budget import Recipe, build_step
 torch.set_num_threads(2)
 spec = json.loads(sys.argv[2])
 spec["bucket"] = tuple(spec["bucket"])

@@ -1,4 +1,4 @@
-"""Full fusion-metric set per 480x640 pair: ditfuse.metrics vs a plain numpy/scipy implementation.
+"""Full fusion-metric set per 480x640 pair: ditfuse.eval.metrics vs a plain numpy/scipy implementation.
 
 The plain implementation is tests/_reference_metrics.py: the definitions of METRICS.md written
 straightforwardly (2-D convolve2d windows, as the published MMIF-CDDFuse evaluator does; the
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _reference_metrics as plain  # noqa: E402
-from ditfuse.metrics import METRIC_NAMES, compute_fusion_metrics  # noqa: E402
+from ditfuse.eval.metrics import METRIC_NAMES, compute_fusion_metrics  # noqa: E402
 
 
 def make_triple(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     c = res["cpu"]
     print(f"full metric set, one {res['size']} pair, torch {res['torch']}, {args.threads} CPU thread(s)")
     print(f"  plain numpy/scipy : {c['plain_wall_s'] * 1e3:8.1f} ms wall  {c['plain_cpu_s'] * 1e3:8.1f} ms CPU")
-    print(f"  ditfuse.metrics   : {c['ditfuse_wall_s'] * 1e3:8.1f} ms wall  {c['ditfuse_cpu_s'] * 1e3:8.1f} ms CPU")
+    print(f"  ditfuse.eval.metrics   : {c['ditfuse_wall_s'] * 1e3:8.1f} ms wall  {c['ditfuse_cpu_s'] * 1e3:8.1f} ms CPU")
     print(f"  speed-up          : {c['ratio_wall']:8.1f} x wall  {c['ratio_cpu']:8.1f} x CPU   "
           f"(medians of {args.repeats}; max rel. diff {c['max_rel_diff']:.1e})")
     print("  per metric (ms CPU): " + ", ".join(f"{k} {v:.1f}" for k, v in res["per_metric_cpu_ms"].items()))

@@ -130,7 +130,7 @@ def repeat_seeds(data: dict, seeds: int) -> dict:
 @torch.no_grad()
 def fuse(module, data: dict, settings, stats: dict | None = None) -> torch.Tensor:
     """module.sample's path (encode, sample, decode), counting evaluations: (n, 3, h, w) in [-1, 1]."""
-    from ditfuse.sampler import sample_latents
+    from ditfuse.sampling.sampler import sample_latents
 
     lat = module.encode_images(data["images"])
     d = module.codec.downsample
@@ -210,7 +210,7 @@ def side_by_side(module, data: dict, pairs: int, size: int, default, fast) -> di
 
 
 def wide_model(layers: int):
-    """Random-init tiny preset at OmniGen-v1's width (docs: ditfuse/config.py _OMNIGEN_V1), pixel codec:
+    """Random-init tiny preset at OmniGen-v1's width (docs: ditfuse/model/config.py _OMNIGEN_V1), pixel codec:
     the time of a transformer evaluation at the real width, without the SDXL VAE."""
     from ditfuse.module import DiTFuseModule
 
@@ -276,8 +276,8 @@ def goals(rows: list[dict], ref: dict, fast_label: str, timing: dict) -> list[st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ditfuse.inference import load_module
-    from ditfuse.sampler import FAST_PRESET, SamplerSettings
+    from ditfuse.pipeline import load_module
+    from ditfuse.sampling.sampler import FAST_PRESET, SamplerSettings
 
     ckpt = args.checkpoint
     if ckpt is None:

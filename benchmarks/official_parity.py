@@ -75,8 +75,8 @@ def main() -> None:
     from _release import write_release
     from PIL import Image
 
-    from ditfuse import prompts as P
-    from ditfuse.inference import main as fuse
+    from ditfuse.core import prompts as P
+    from ditfuse.commands.fuse import main as fuse
 
     work = Path(args.work or tempfile.mkdtemp(prefix="official_parity_"))
     model, lora = write_release(work, cfg={"original_max_position_embeddings": 256})

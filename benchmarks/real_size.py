@@ -39,7 +39,7 @@ CONFIG = ROOT / "configs" / "omnigen_lora.yaml"
 LOAD_CHILD = r'''
 import sys, time, torch
 t0 = time.perf_counter()
-from ditfuse.backbone import load_transformer
+from ditfuse.model.backbone import load_transformer
 m = load_transformer(sys.argv[1], torch.bfloat16)
 t1 = time.perf_counter()
 n = sum(p.numel() for p in m.parameters())
@@ -50,7 +50,7 @@ print(f"LOAD {t1 - t0:.2f} {n} {time.perf_counter() - t1:.2f}")
 RANK_CHILD = r'''
 import os, sys, time, torch, torch.distributed as dist
 dist.init_process_group("gloo")
-from ditfuse.backbone import load_transformer
+from ditfuse.model.backbone import load_transformer
 m = load_transformer(sys.argv[1], torch.bfloat16)
 for p in m.parameters():
     p.float().sum()  # fault every page in, as a forward does
@@ -199,8 +199,8 @@ def adapter_from_checkpoint(ckpt: Path, out: Path) -> Path:
     """The checkpoint's LoRA tensors as this framework's peft adapter folder (no model built)."""
     import torch
 
-    from ditfuse.convert import save_adapter
-    from ditfuse.lora import LoraSettings
+    from ditfuse.interop.convert import save_adapter
+    from ditfuse.model.lora import LoraSettings
 
     sd = torch.load(ckpt, map_location="cpu", weights_only=False)
     tensors = {k.removeprefix("backbone.transformer.").replace(".default.", "."): v

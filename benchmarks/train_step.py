@@ -43,13 +43,13 @@ import time
 import torch
 from _child import FLOP_COUNT, MEMORY_PROBES, gemm_peak
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, build_transformer
-from ditfuse.conditioning import build_conditioning, image_only_prompt
-from ditfuse.config import ModelConfig
-from ditfuse.flow import interpolate, per_sample_mse, sample_t
-from ditfuse.lora import LoraSettings, add_lora, count_parameters
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, build_transformer
+from ditfuse.model.conditioning import build_conditioning, image_only_prompt
+from ditfuse.model.config import ModelConfig
+from ditfuse.sampling.flow import interpolate, per_sample_mse, sample_t
+from ditfuse.model.lora import LoraSettings, add_lora, count_parameters
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 
 def mask_memory(px: int, tok) -> dict[str, float]:
@@ -111,10 +111,10 @@ def step():  # train.py's step: training_losses (flow matching, sigmoid-normal t
 """
 
 OURS_STEP = CHILD + r"""
-from ditfuse.backbone import Backbone, load_transformer
-from ditfuse.conditioning import Conditioning
-from ditfuse.flow import interpolate, per_sample_mse, sample_t
-from ditfuse.lora import LoraSettings, add_lora
+from ditfuse.model.backbone import Backbone, load_transformer
+from ditfuse.model.conditioning import Conditioning
+from ditfuse.sampling.flow import interpolate, per_sample_mse, sample_t
+from ditfuse.model.lora import LoraSettings, add_lora
 tr = load_transformer(cfg["model"])
 add_lora(tr, LoraSettings(r=8, alpha=8))
 bb = Backbone(tr, gradient_checkpointing=True)

@@ -91,9 +91,9 @@ report(stats, loaded)
 
 OURS = COMMON + r"""
 from PIL import Image
-from ditfuse.images import read_image
-from ditfuse.inference import FusionPipeline
-from ditfuse.sampler import SamplerSettings
+from ditfuse.core.images import read_image
+from ditfuse.pipeline import FusionPipeline
+from ditfuse.sampling.sampler import SamplerSettings
 s = SamplerSettings(steps=cfg["steps"], guidance_scale=2.0, img_guidance_scale=1.6, kv_cache=cfg["kv"],
                     batch_branches=cfg["batched"], seed=0, noise="device", state="model")  # as --official
 pipe = FusionPipeline.load(model=cfg["model"], device="cpu", dtype="fp32", max_side=cfg["size"], sampler=s,
@@ -187,7 +187,7 @@ def main() -> None:
         raise SystemExit(f"--jobs: unknown {unknown}; choose from {list(JOBS)}")
     from PIL import Image
 
-    from ditfuse import prompts as P
+    from ditfuse.core import prompts as P
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vs_original_"))
     model = write_model(work / "OmniGen-v1-width", args.layers)

@@ -1,7 +1,7 @@
 """Per-task validation metrics on the model's sampled outputs.
 
 Logs `val/<task>/<metric>` for the fusion tasks (ivif, mff, mef, m3: the classical metric set of
-`ditfuse.metrics`, plus `ref_psnr`/`ref_ssim` against the target), `val/seg/miou` and
+`ditfuse.eval.metrics`, plus `ref_psnr`/`ref_ssim` against the target), `val/seg/miou` and
 `val/control/accuracy`. Values are kept per sample id (task/key) and merged over the DDP ranks
 like the module's `val/*` (ditfuse.module.GlobalMeans): a batch the distributed sampler repeats
 to even out the ranks counts once, so every mean is over the distinct validation samples, the
@@ -18,9 +18,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks._common import check_every, is_due, log_global_means, sample_ids, sampled_outputs, task_indices, to_255
-from ditfuse import metrics as fm
+from ditfuse.eval import metrics as fm
+from ditfuse.eval.task_metrics import binary_miou, control_accuracy, recover_overlay_mask
 from ditfuse.module import GlobalMeans
-from ditfuse.task_metrics import binary_miou, control_accuracy, recover_overlay_mask
 
 FUSION_LIKE = ("ivif", "mff", "mef", "m3")
 
@@ -30,7 +30,7 @@ class FusionMetrics(pl.Callback):
 
     Args:
         every_n_epochs: run on every n-th validation epoch.
-        metrics: fusion metric names (default: all of `ditfuse.metrics.METRIC_NAMES`).
+        metrics: fusion metric names (default: all of `ditfuse.eval.metrics.METRIC_NAMES`).
         reference: also score PSNR/SSIM against the target where the task has one.
         control_tolerance: relative tolerance of the control-accuracy check.
     """

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from callbacks._common import check_every, first_keys, is_due, log_global_means, sampled_outputs, task_indices
+from ditfuse.eval.iqa import build_iqa_metrics
 from ditfuse.module import GlobalMeans
 
 TASKS = ("ivif", "mff", "mef", "m3", "seg", "control")
@@ -43,8 +44,6 @@ class IQAMetrics(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._scorers:
             return
-        from ditfuse.iqa import build_iqa_metrics
-
         self._scorers = build_iqa_metrics(weights_dir=self.weights_dir, files=self.files, names=self.names,
                                           required=self.required, device=str(pl_module.device),
                                           maniqa_crops=self.maniqa_crops)

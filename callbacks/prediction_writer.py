@@ -18,7 +18,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from datamodules.pairs import restore
+from callbacks.ema import CHECKPOINT_KEY
+from ditfuse.interop.pairs import restore
+from ditfuse.pipeline import apply_ema
 
 
 class FusedImageWriter(BasePredictionWriter):
@@ -71,9 +73,6 @@ class UseEMAWeights(pl.Callback):
     predicting; without a checkpoint, or one without EMA state, the loaded weights stay."""
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from callbacks.ema import CHECKPOINT_KEY
-        from ditfuse.inference import apply_ema
-
         if not trainer.ckpt_path:
             return
         ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)  # the user's own checkpoint

@@ -1,7 +1,7 @@
 """Shard schema and writers, per-kind pipelines, M3 degradations and the mixing DataModule.
 
-The names below are imported on first use (PEP 562), so `import datamodules.cli` (`ditfuse shards
---help`) does not pay for lightning and torch.
+The names below are imported on first use (PEP 562), so `ditfuse shards --help`
+(ditfuse/commands/shards.py) does not pay for lightning and torch.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
 from datamodules.workers import ignore_stop_signals
-from ditfuse.prompts import CONTROL_SUBTASKS, TASKS
+from ditfuse.core.prompts import CONTROL_SUBTASKS, TASKS
 
 ShardSpec = str | list[str]
 

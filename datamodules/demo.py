@@ -25,7 +25,7 @@ from skimage.draw import random_shapes
 from datamodules.io import encode_png
 from datamodules.schema import KINDS
 from datamodules.writers import json_bytes, write_samples
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from ditfuse.core.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 # cat == chelsea in skimage: never split them apart
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "colorwheel", "camera",

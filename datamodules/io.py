@@ -1,7 +1,7 @@
-"""Image reading and encoding for the data pipelines: re-exported from ditfuse.images (its home,
+"""Image reading and encoding for the data pipelines: re-exported from ditfuse.core.images (its home,
 so that the core reads images without importing datamodules)."""
 
-from ditfuse.images import (  # noqa: F401 - re-exports
+from ditfuse.core.images import (  # noqa: F401 - re-exports
     IMAGE_EXTS,
     ImageReadError,
     decode_image,

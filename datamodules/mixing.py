@@ -34,8 +34,8 @@ from datamodules.schema import (
     read_shard,
     sample_json,
 )
-from datamodules.streams import Position, SourceStream
-from ditfuse.prompts import TASKS
+from datamodules.streams import Position, SourceStream, TooManyBadSamples
+from ditfuse.core.prompts import TASKS
 
 STREAM_STATE = "__stream__"  # batch key of the producing stream's position (the loader pops it)
 
@@ -45,10 +45,6 @@ BAD_SAMPLE_ERRORS = (SchemaError, ImageReadError, ShardReadError, KeyError, Valu
 
 class BadSampleWarning(UserWarning):
     """A corrupt shard or an undecodable sample was skipped."""
-
-
-class TooManyBadSamples(RuntimeError):
-    """The bad-sample fraction passed `max_bad_fraction`."""
 
 
 class BadSampleTracker:

@@ -1,7 +1,7 @@
 """`ditfuse predict` over folders of image pairs: finite, rank- and worker-sharded batches and a
 predict DataModule.
 
-Pair discovery, prompts and pre/post-processing live in the core (ditfuse.pairs), shared with
+Pair discovery, prompts and pre/post-processing live in the core (ditfuse.interop.pairs), shared with
 `ditfuse fuse`; they are re-exported here so `from datamodules.pairs import ...` keeps working.
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.workers import ignore_stop_signals
-from ditfuse.images import read_image
-from ditfuse.pairs import (  # noqa: F401 - re-exports for datamodules, callbacks and older imports
+from ditfuse.core.images import read_image
+from ditfuse.interop.pairs import (  # noqa: F401 - re-exports for datamodules, callbacks and older imports
     DEFAULT_MAX_SIDE,
     PairFiles,
     PreparedPair,

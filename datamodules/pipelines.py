@@ -16,7 +16,7 @@ from torch import Tensor
 
 from datamodules.io import decode_image, float01, to_raw_tensor
 from datamodules.m3 import M3Config, m3_views, seed_for
-from datamodules.schema import NOT_A_CLASS, SchemaError, check_sample, image_field
+from datamodules.schema import FUSION_FALLBACKS, NOT_A_CLASS, SchemaError, check_sample, image_field
 from datamodules.targets import (
     IVIF_FALLBACKS,
     SEG_ALPHA,
@@ -26,14 +26,12 @@ from datamodules.targets import (
     ivif_fallback,
     seg_overlay,
 )
-from ditfuse.prompts import (
+from ditfuse.core.prompts import (
     CONTROL_SUBTASKS,
     FUSION_TASKS,
     build_prompt,
     instruction_for,
 )
-
-FUSION_FALLBACKS = ("mean", "image1", "image2")  # mff/mef pairs without a target, only when chosen
 
 
 class MissingTargetError(Exception):

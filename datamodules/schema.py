@@ -16,12 +16,15 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from ditfuse.core.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 KINDS: tuple[str, ...] = ("fusion", "m3", "seg", "control")
 IMAGE_FIELD_EXTS = ("png", "jpg", "jpeg")
 # seg class names that are never asked for ("Segment the background" is not a task)
 NOT_A_CLASS = frozenset({"background", "unlabeled", "unlabelled", "void", "ignore"})
+# mff/mef pairs without a target, only when chosen (data.target_fallback, `ditfuse shards write
+# --target-fallback`); here so the writers and the pipelines read one list
+FUSION_FALLBACKS = ("mean", "image1", "image2")
 
 Sample = dict[str, bytes]  # field ("img1.png", "json", ...) -> bytes; plus "__key__"/"__shard__" as str
 

@@ -23,6 +23,11 @@ from datamodules.m3 import seed_for
 from datamodules.schema import DEFAULT_STALL_TIMEOUT, ShardReadError, read_shard
 
 
+class TooManyBadSamples(RuntimeError):
+    """The bad-sample fraction passed `max_bad_fraction` (datamodules/mixing.py), or a stream found
+    no readable sample in its shards. Here, below mixing.py, so both raise it without a cycle."""
+
+
 @dataclass
 class Position:
     """Where a stream is: pass, window of the pass, samples yielded from that window."""
@@ -148,8 +153,6 @@ class SourceStream:
                     yield sample
                 self.pos = Position(self.pos.pass_, self.pos.window + 1, 0)
             if whole and not got:
-                from datamodules.mixing import TooManyBadSamples
-
                 raise TooManyBadSamples(
                     f"{self.kind}: stream {self.sid} of {self.n} (ranks x workers) found no readable samples "
                     f"in {[s for _, s in self.part]}; check these shards (a source needs at least one sample "

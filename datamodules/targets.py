@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ditfuse.prompts import CONTROL_SUBTASKS
+from ditfuse.core.prompts import CONTROL_SUBTASKS
 
 # PROMPTS.md: brightness by gamma, contrast by scaling around the image mean.
 DEFAULT_GAMMA = {"LIGHT++": 0.5, "LIGHT+": 0.75, "LIGHT-": 1.35, "LIGHT--": 1.8}

@@ -27,8 +27,8 @@ from datamodules.io import (
     read_image,
     value_range,
 )
-from datamodules.schema import NOT_A_CLASS
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from datamodules.schema import FUSION_FALLBACKS, NOT_A_CLASS
+from ditfuse.core.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 
 class TarShardWriter:
@@ -227,8 +227,6 @@ def write_fusion(task: str, image1_dir: str | Path, image2_dir: str | Path, out:
     """
     if task not in FUSION_TASKS:
         raise ValueError(f"--task must be one of {', '.join(FUSION_TASKS)}, got {task!r}")
-    from datamodules.pipelines import FUSION_FALLBACKS
-
     if target_fallback is not None and (task == "ivif" or target_fallback not in FUSION_FALLBACKS):
         raise ValueError(f"--target-fallback {target_fallback!r}: only for --task mff/mef, one of "
                          f"{', '.join(FUSION_FALLBACKS)} (ivif uses data.ivif_fallback)")

@@ -9,7 +9,7 @@ last` resumes from. Here the temporary file is in the target's own folder, so th
 temporary file and leaves the previous checkpoint as it was.
 
 `ditfuse fit|validate` use this plugin unless trainer.plugins already holds a CheckpointIO
-(ditfuse.lightning_cli). Remote paths (`s3://...`) keep Lightning's fsspec path.
+(ditfuse.commands.lightning_cli). Remote paths (`s3://...`) keep Lightning's fsspec path.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""`ditfuse` entry point.
+"""`ditfuse` entry point (the console script `ditfuse = ditfuse.cli:main`, and `python -m ditfuse.cli`).
 
-`fit|validate|predict` go to LightningCLI (`ditfuse.lightning_cli`); the other subcommands
-are plain argparse tools, each imported only when asked for so `ditfuse shards ...` does not pay
-for importing the model stack. This module itself imports nothing heavy (no torch, no Lightning).
+It only dispatches to ditfuse/commands/: `fit|validate|predict` go to LightningCLI
+(`ditfuse.commands.lightning_cli`); the other subcommands are plain argparse tools, each imported
+only when asked for so `ditfuse shards ...` does not pay for importing the model stack. This module
+itself imports nothing heavy (no torch, no Lightning).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import sys
 
 # subcommand -> (module, function taking argv list, one-line help)
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "shards": ("datamodules.cli", "main", "write, build (demo) and inspect WebDataset shards"),
-    "fuse": ("ditfuse.inference", "main", "fuse image pairs with a trained model"),
-    "eval": ("ditfuse.evaluate", "main", "fusion metric table (and plot) over image1/image2/fused folders"),
-    "convert": ("ditfuse.convert", "main", "convert OmniGen / DiTFuse weights between layouts"),
-    "sweep": ("ditfuse.sweep", "main", "expand a data-mix grid into configs and a SLURM array"),
+    "shards": ("ditfuse.commands.shards", "main", "write, build (demo) and inspect WebDataset shards"),
+    "fuse": ("ditfuse.commands.fuse", "main", "fuse image pairs with a trained model"),
+    "eval": ("ditfuse.commands.evaluate", "main", "fusion metric table (and plot) over image1/image2/fused folders"),
+    "convert": ("ditfuse.commands.convert", "main", "convert OmniGen / DiTFuse weights between layouts"),
+    "sweep": ("ditfuse.commands.sweep", "main", "expand a data-mix grid into configs and a SLURM array"),
 }
 LIGHTNING = {
     "fit": "train (--config CFG [--section.key=value ...], --ckpt_path last resumes)",
@@ -59,7 +60,7 @@ def _dispatch(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING:
         from ditfuse.checkpoint_io import CheckpointWriteError
-        from ditfuse.lightning_cli import ConfigError, run_lightning_cli
+        from ditfuse.commands.lightning_cli import ConfigError, run_lightning_cli
 
         try:
             run_lightning_cli([cmd, *rest])
@@ -70,7 +71,7 @@ def _dispatch(argv: list[str]) -> int:
             print(f"ditfuse {cmd}: error: {exc}", file=sys.stderr)
             return 1
         except Exception as exc:  # a rank that died is not a bug of this one: one line
-            from ditfuse.lightning_cli import lost_rank_line
+            from ditfuse.commands.lightning_cli import lost_rank_line
 
             line = lost_rank_line(exc)
             if line is None:

@@ -24,15 +24,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ditfuse import flow as F
-from ditfuse.backbone import Backbone, build_transformer, load_transformer
-from ditfuse.codec import build_codec
-from ditfuse.conditioning import DROP_ALL_PROMPT, image_only_prompt
-from ditfuse.config import ModelConfig
-from ditfuse.lora import LoraSettings, add_lora, count_parameters, save_adapter
-from ditfuse.prompts import TASKS
-from ditfuse.sampler import SamplerSettings, sample_latents
-from ditfuse.tokenizer import load_tokenizer
+from ditfuse.core.prompts import TASKS
+from ditfuse.model.backbone import Backbone, build_transformer, load_transformer
+from ditfuse.model.codec import build_codec
+from ditfuse.model.conditioning import DROP_ALL_PROMPT, build_conditioning, image_only_prompt
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.lora import LoraSettings, add_lora, count_parameters, save_adapter
+from ditfuse.model.tokenizer import load_tokenizer
+from ditfuse.sampling import flow as F
+from ditfuse.sampling.sampler import SamplerSettings, sample_latents
 
 NUM_INPUT_IMAGES = 2  # DiTFuse prompts reference <|image_1|> and <|image_2|>
 
@@ -160,7 +160,7 @@ class DiTFuseModule(pl.LightningModule):
         tokenizer: 'builtin' or a local tokenizer folder (default: builtin for tiny, else `pretrained`).
         model_overrides: preset fields to change for random init (e.g. {num_layers: 2}).
         lora: LoRA settings; None trains all weights (the tiny demo).
-        optimizer, flow, val_sampler: see the dataclasses above and ditfuse.sampler.SamplerSettings.
+        optimizer, flow, val_sampler: see the dataclasses above and ditfuse.sampling.sampler.SamplerSettings.
         gradient_checkpointing: recompute each block in backward (memory for time).
         base_dtype: 'bf16' | 'fp16' | None: store the frozen base weights in this dtype (LoRA only).
         seed: random init seed.
@@ -266,8 +266,6 @@ class DiTFuseModule(pl.LightningModule):
 
         t and x0 come from torch's global generator, from `generator`, or with `seeds` (one per
         row) from a generator per row, so a row's loss does not depend on its batch (validation)."""
-        from ditfuse.conditioning import build_conditioning
-
         images, target = batch["images"], batch["target"]
         B = target.shape[0]
         # 1. Encode inputs and target

@@ -1,6 +1,6 @@
 """Independent, straightforward numpy/scipy implementation of ../shared/docs/METRICS.md.
 
-Written from the document, sharing no code with ditfuse/metrics.py: float64 everywhere except
+Written from the document, sharing no code with ditfuse/eval/metrics.py: float64 everywhere except
 SSIM, which the convention defines as scikit-image's float32 computation with data_range 2.
 Used by tests/test_metrics.py (agreement to 1e-4) and benchmarks/metrics_speed.py (the plain
 implementation the >= 10x speed target is measured against). 2-D images on 0..255.

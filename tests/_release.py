@@ -20,8 +20,8 @@ from _tiny_checkpoints import (
     write_original_checkpoint,
 )
 
-from ditfuse import prompts as P
-from ditfuse.conditioning import PREFIX, SUFFIX
+from ditfuse.core import prompts as P
+from ditfuse.model.conditioning import PREFIX, SUFFIX
 
 RELEASE_PHI3 = {**TINY_PHI3, "vocab_size": 192, "pad_token_id": 0, "max_position_embeddings": 4096,
                 "original_max_position_embeddings": 4096}  # OmniGen-v1's switch: 4096 positions

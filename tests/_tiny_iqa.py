@@ -6,7 +6,7 @@ The files go through exactly the code path the real ones do (see ../shared/docs/
   `build_model` derives text heads as width // 64, so the text width is 64.
 - `pyiqa/CLIP-IQA+_learned_prompts-603f3273.pth`: the learned prompt context, (2, 16, 64).
 - `pyiqa/ckpt_koniq10k.pt`: a MANIQA state dict with a small ViT (embed_dim 64, depth 10, since
-  MANIQA hooks blocks 6-9) and small MANIQA dims; `ditfuse.iqa` reads the sizes off the tensors.
+  MANIQA hooks blocks 6-9) and small MANIQA dims; `ditfuse.eval.iqa` reads the sizes off the tensors.
 
 Reused by the callback tests: `make_tiny_iqa_weights(tmp_path)` then
 `build_iqa_metrics(weights_dir=tmp_path, maniqa_crops=1)`.

@@ -92,8 +92,8 @@ def tiny_backbone():
     hide differences between sampling paths)."""
     import torch
 
-    from ditfuse.backbone import Backbone, build_transformer
-    from ditfuse.config import ModelConfig
+    from ditfuse.model.backbone import Backbone, build_transformer
+    from ditfuse.model.config import ModelConfig
 
     tr = build_transformer(ModelConfig.from_name("tiny", num_layers=2), seed=0)
     with torch.no_grad():

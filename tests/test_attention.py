@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, attend, build_transformer
-from ditfuse.conditioning import AttentionMask, build_conditioning, image_only_prompt
-from ditfuse.config import ModelConfig
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, attend, build_transformer
+from ditfuse.model.conditioning import AttentionMask, build_conditioning, image_only_prompt
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 TOL = 1e-5
 N = 16  # output tokens (8x8 latents, patch 2); 16 tokens per input image

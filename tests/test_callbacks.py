@@ -81,7 +81,7 @@ def test_iqa_callback_logs_scores_from_local_weights(tmp_path):
 
 
 def test_iqa_callback_fails_fast_on_missing_weights(tmp_path):
-    from ditfuse.iqa import IQAWeightsMissing
+    from ditfuse.eval.iqa import IQAWeightsMissing
 
     cb = IQAMetrics(weights_dir=str(tmp_path / "nothing-here"))
     with pytest.raises(IQAWeightsMissing, match="clipiqa"):

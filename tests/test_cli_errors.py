@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ditfuse.cli import main as ditfuse
-from ditfuse.lightning_cli import suggest_key
+from ditfuse.commands.lightning_cli import suggest_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -91,7 +91,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_the_entry_point_imports_neither_torch_nor_lightning():
     """`ditfuse shards --help` must not pay for the model stack: cli.py imports it only for
-    fit/validate/predict (datamodules/cli.py must be lazy too, issue 9)."""
+    fit/validate/predict (ditfuse/commands/shards.py must be lazy too, issue 9)."""
     res = _run("import sys; from ditfuse.cli import main; main(['--version']); "
                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')))")
     assert res.returncode == 0 and res.stdout.strip().endswith("[]"), res.stderr

@@ -15,7 +15,7 @@ from test_checkpoint_io import _full_disk_after
 from ditfuse import checkpoint_io
 from ditfuse.checkpoint_io import AtomicCheckpointIO
 from ditfuse.cli import main as ditfuse_main
-from ditfuse.lightning_cli import ConfigError, run_lightning_cli
+from ditfuse.commands.lightning_cli import ConfigError, run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
@@ -141,7 +141,7 @@ def test_predict_with_the_shipped_config_runs_on_cpu(tmp_path):
 def test_precision_null_follows_the_device():
     from jsonargparse import Namespace
 
-    from ditfuse.lightning_cli import resolve_precision
+    from ditfuse.commands.lightning_cli import resolve_precision
 
     for accelerator in ("auto", "cpu"):
         trainer = Namespace(accelerator=accelerator, precision=None)

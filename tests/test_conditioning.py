@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ditfuse import prompts as P
-from ditfuse.conditioning import build_conditioning, image_only_prompt, tokenize_multimodal
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.conditioning import build_conditioning, image_only_prompt, tokenize_multimodal
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 processor_omnigen = pytest.importorskip("diffusers.pipelines.omnigen.processor_omnigen")
 

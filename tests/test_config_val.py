@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from datamodules import DiTFuseDataModule
-from ditfuse.prompts import FUSION_TASKS
+from ditfuse.core.prompts import FUSION_TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASES = ("demo.yaml", "omnigen_lora.yaml")

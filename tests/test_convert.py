@@ -27,7 +27,8 @@ from _tiny_checkpoints import (
     write_original_checkpoint,
 )
 
-from ditfuse import convert as C
+from ditfuse.commands import convert as convert_command
+from ditfuse.interop import convert as C
 
 ATOL = 1e-5
 R, ALPHA = 3, 5  # alpha != r: a wrong scale cannot pass
@@ -250,7 +251,7 @@ def test_adapter_format_detection(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = C.main([str(a) for a in argv])
+    code = convert_command.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -326,7 +327,7 @@ def test_cli_lora_merge_and_export(original, tmp_path, capsys):
 
 
 def test_interop_with_ditfuse_lora_adapter_folders(original, tmp_path):
-    from ditfuse import lora
+    from ditfuse.model import lora
 
     folder, _ = original
     settings = lora.LoraSettings(r=R, alpha=float(ALPHA))
@@ -361,7 +362,7 @@ def test_sharded_original_checkpoint(original, tmp_path):
 def test_fused_qkv_delta_does_not_depend_on_the_order_parts_arrive_in():
     """safetensors returns keys sorted (to_k before to_q): the fused delta must still put each
     projection's B@A in its own row block."""
-    from ditfuse.convert import _fuse_qkv
+    from ditfuse.interop.convert import _fuse_qkv
 
     g = torch.Generator().manual_seed(0)
     parts = {n: {"A": torch.randn(2, 6, generator=g), "B": torch.randn(4, 2, generator=g)}

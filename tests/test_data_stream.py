@@ -302,7 +302,7 @@ def test_shards_help_is_fast_and_imports_nothing_heavy():
     res = subprocess.run([sys.executable, "-m", "ditfuse.cli", "shards", "--help"], cwd=ROOT, capture_output=True, check=False,
                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0 and "inspect" in res.stdout and time.perf_counter() - t < 2.0
-    code = ("import sys, datamodules.cli, datamodules.schema as s; assert datamodules.cli.KINDS == s.KINDS; "
+    code = ("import sys, ditfuse.commands.shards, datamodules.schema as s; assert ditfuse.commands.shards.KINDS == s.KINDS; "
             "print(sorted(m for m in ('torch', 'lightning', 'cv2', 'webdataset') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})

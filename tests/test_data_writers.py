@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.cli import inspect
+from ditfuse.commands.shards import inspect
 from datamodules.demo import build_demo
 from datamodules.io import decode_image, read_image, to_tensor
 from datamodules.pipelines import PipelineConfig, collate, process

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ditfuse import cli, evaluate
-from ditfuse.metrics import CONVENTION, METRIC_NAMES, compute_fusion_metrics
+from ditfuse import cli
+from ditfuse.commands import evaluate
+from ditfuse.eval.metrics import CONVENTION, METRIC_NAMES, compute_fusion_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,7 +161,7 @@ def test_iqa_hook_calls_ditfuse_iqa(folders, tmp_path, monkeypatch):
         calls.update(weights_dir=weights_dir, names=names, required=required, device=device, **kw)
         return {n: (lambda x: x.mean((1, 2, 3))) for n in names}  # (N, 3, H, W) in [0, 1] -> (N,)
 
-    monkeypatch.setitem(sys.modules, "ditfuse.iqa", types.SimpleNamespace(build_iqa_metrics=build_iqa_metrics))
+    monkeypatch.setitem(sys.modules, "ditfuse.eval.iqa", types.SimpleNamespace(build_iqa_metrics=build_iqa_metrics))
     out = tmp_path / "m.json"
     assert evaluate.main(_args(folders, "--metrics", "EN", "--iqa-weights", str(tmp_path), "--maniqa-crops", "2",
                                "--out", str(out))) == 0
@@ -173,10 +174,10 @@ def test_iqa_hook_calls_ditfuse_iqa(folders, tmp_path, monkeypatch):
 
 
 def test_iqa_hook_reports_a_missing_module_in_one_line(folders, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "ditfuse.iqa", None)  # import fails
+    monkeypatch.setitem(sys.modules, "ditfuse.eval.iqa", None)  # import fails
     assert evaluate.main(_args(folders, "--iqa-weights", "/nonexistent")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--iqa-weights needs ditfuse.iqa" in err
+    assert err.count("\n") == 1 and "--iqa-weights needs ditfuse.eval.iqa" in err
 
 
 def test_real_roadscene_pairs_max_baseline_equals_max_folder(ivif_dir, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditfuse import flow
+from ditfuse.sampling import flow
 
 
 def test_interpolation_endpoints_and_target():

@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import nn
 
-from ditfuse import prompts as P
-from ditfuse.backbone import DiTFuseBlock
-from ditfuse.lora import LoraSettings
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import DiTFuseBlock
+from ditfuse.model.lora import LoraSettings
 from ditfuse.module import DiTFuseModule
-from ditfuse.sampler import SamplerSettings
+from ditfuse.sampling.sampler import SamplerSettings
 
 # one worker runs the whole module: every case shares the module's 2-process group (fsdp_results)
 pytestmark = pytest.mark.xdist_group("fsdp")

@@ -23,10 +23,12 @@ from datamodules.pairs import (
     read_prompt_file,
     restore,
 )
-from ditfuse import inference
-from ditfuse.inference import FusionPipeline, Job, main, run_jobs
-from ditfuse.prompts import IMAGE_1, IMAGE_2
-from ditfuse.sampler import SamplerSettings
+from ditfuse import pipeline
+from ditfuse.commands import fuse as inference
+from ditfuse.commands.fuse import Job, main, run_jobs
+from ditfuse.pipeline import FusionPipeline
+from ditfuse.core.prompts import IMAGE_1, IMAGE_2
+from ditfuse.sampling.sampler import SamplerSettings
 
 RANDOM = ["--preset", "tiny", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
 
@@ -304,7 +306,7 @@ def test_kv_cache_and_sequential_branches_do_not_change_the_output(tmp_path, fas
 # Weights: adapters of both formats, Lightning checkpoints with EMA
 # ---------------------------------------------------------------------------------------------
 def _trained_tiny(lora_seed: int = 0):
-    from ditfuse.lora import LoraSettings
+    from ditfuse.model.lora import LoraSettings
     from ditfuse.module import DiTFuseModule
 
     m = DiTFuseModule(preset="tiny", lora=LoraSettings(r=2, alpha=4.0))
@@ -321,31 +323,31 @@ def _weights(module) -> dict[str, torch.Tensor]:
 
 
 def _expected_merged(trained) -> dict[str, torch.Tensor]:
-    from ditfuse.lora import merge_and_unload
+    from ditfuse.model.lora import merge_and_unload
 
     return {k: v.clone() for k, v in merge_and_unload(trained.backbone.transformer).state_dict().items()}
 
 
 def test_our_adapter_loads_to_the_merged_weights(tmp_path):
-    from ditfuse.convert import detect_adapter_format
+    from ditfuse.interop.convert import detect_adapter_format
 
     trained = _trained_tiny()
     ours = trained.save_adapter(tmp_path / "ours")
     assert detect_adapter_format(ours) == "ditfuse"
     expected = _expected_merged(trained)
-    got = _weights(inference.load_module(preset="tiny", lora=str(ours), warn=lambda m: None))
+    got = _weights(pipeline.load_module(preset="tiny", lora=str(ours), warn=lambda m: None))
     assert set(got) == set(expected)
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    base = _weights(inference.load_module(preset="tiny", warn=lambda m: None))
+    base = _weights(pipeline.load_module(preset="tiny", warn=lambda m: None))
     assert not torch.allclose(base["layers.0.self_attn.to_q.weight"], expected["layers.0.self_attn.to_q.weight"])
 
 
 def test_official_adapter_is_detected_converted_and_merged(tmp_path):
     """An official DiTFuse adapter (peft on OmniGen's fused qkv_proj / o_proj, scale alpha / r = 2):
     q, k, v get W + 2 * B_{q,k,v} @ A with B split in three by rows; o_proj lands on to_out.0."""
-    from ditfuse.convert import detect_adapter_format, save_adapter
+    from ditfuse.interop.convert import detect_adapter_format, save_adapter
 
-    base = _weights(inference.load_module(preset="tiny", warn=lambda m: None))
+    base = _weights(pipeline.load_module(preset="tiny", warn=lambda m: None))
     D, r, g = 128, 2, torch.Generator().manual_seed(0)
     sd = {}
     for i in range(4):
@@ -356,7 +358,7 @@ def test_official_adapter_is_detected_converted_and_merged(tmp_path):
     save_adapter(tmp_path / "official", sd, {"peft_type": "LORA", "r": r, "lora_alpha": 4,
                                               "target_modules": ["qkv_proj", "o_proj"], "bias": "none"})
     assert detect_adapter_format(tmp_path / "official") == "official"
-    got = _weights(inference.load_module(preset="tiny", lora=str(tmp_path / "official"), warn=lambda m: None))
+    got = _weights(pipeline.load_module(preset="tiny", lora=str(tmp_path / "official"), warn=lambda m: None))
     for i in range(4):
         pre = f"base_model.model.llm.layers.{i}.self_attn"
         qkv = 2.0 * sd[f"{pre}.qkv_proj.lora_B.weight"] @ sd[f"{pre}.qkv_proj.lora_A.weight"]
@@ -385,12 +387,12 @@ def test_checkpoint_loads_with_ema_weights_by_default(tmp_path, capsys):
     ema = {n: p.detach().clone() for n, p in ema_src.named_parameters() if p.requires_grad}
     _save_checkpoint(trained, tmp_path / "last.ckpt", ema)
 
-    loaded = inference.load_module(checkpoint=str(tmp_path / "last.ckpt"))
+    loaded = pipeline.load_module(checkpoint=str(tmp_path / "last.ckpt"))
     assert "EMA" in capsys.readouterr().out
     expected_ema = _expected_merged(ema_src)
     got = _weights(loaded)
     assert all(torch.allclose(got[k], expected_ema[k], atol=1e-6) for k in expected_ema)
-    raw = _weights(inference.load_module(checkpoint=str(tmp_path / "last.ckpt"), use_ema=False))
+    raw = _weights(pipeline.load_module(checkpoint=str(tmp_path / "last.ckpt"), use_ema=False))
     expected_raw = _expected_merged(trained)
     assert all(torch.allclose(raw[k], expected_raw[k], atol=1e-6) for k in expected_raw)
 
@@ -411,7 +413,7 @@ def test_cli_checkpoint_and_lora_run_end_to_end(tmp_path):
 
 def test_model_folder_in_diffusers_layout(tmp_path):
     trained = _trained_tiny(lora_seed=4)
-    from ditfuse.lora import merge_and_unload
+    from ditfuse.model.lora import merge_and_unload
 
     merge_and_unload(trained.backbone.transformer).save_pretrained(tmp_path / "model" / "transformer")
     a, b = _write(tmp_path / "a.png", 8, 12), _write(tmp_path / "b.png", 8, 12, seed=1)

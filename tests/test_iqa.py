@@ -15,7 +15,7 @@ pytest.importorskip("pyiqa")
 
 from _tiny_iqa import CLIP_FILE, MANIQA_FILE, TINY_MANIQA, TINY_VIT, make_tiny_iqa_weights
 
-from ditfuse.iqa import (
+from ditfuse.eval.iqa import (
     IQADownloadBlocked,
     IQAWeightsMissing,
     _maniqa_sizes,

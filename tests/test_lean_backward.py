@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, apply_rope, build_transformer, swiglu
-from ditfuse.conditioning import build_conditioning
-from ditfuse.config import ModelConfig
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, apply_rope, build_transformer, swiglu
+from ditfuse.model.conditioning import build_conditioning
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 
 def _saved_bytes(fn):

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, build_transformer
-from ditfuse.conditioning import build_conditioning
-from ditfuse.config import ModelConfig
-from ditfuse.lora import (LoraSettings, add_lora, count_parameters, load_adapter, lora_state_dict,
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, build_transformer
+from ditfuse.model.conditioning import build_conditioning
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.lora import (LoraSettings, add_lora, count_parameters, load_adapter, lora_state_dict,
                           merge_and_unload, save_adapter)
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 
 def _inputs(seed=0, B=2):

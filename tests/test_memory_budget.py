@@ -1,5 +1,5 @@
 """Each shipped cluster recipe fits an 80 GB A100 with 10% headroom at its largest bucket and
-per-GPU batch, by the fake-tensor trace of ditfuse/memory_budget.py at full OmniGen-v1 depth
+per-GPU batch, by the fake-tensor trace of ditfuse/model/memory_budget.py at full OmniGen-v1 depth
 (benchmarks/memory_budget.py prints the table and validates the trace against a measured step)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ditfuse.memory_budget import GB, estimate, recipe_from_configs
+from ditfuse.model.memory_budget import GB, estimate, recipe_from_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "omnigen_lora.yaml"
@@ -19,8 +19,8 @@ def _omnigen_v1_params() -> tuple[int, int]:
     """(parameters, buffer elements) of OmniGenTransformer2DModel at omnigen-v1, on the meta device."""
     import torch
 
-    from ditfuse.backbone import build_transformer
-    from ditfuse.config import ModelConfig
+    from ditfuse.model.backbone import build_transformer
+    from ditfuse.model.config import ModelConfig
 
     with torch.device("meta"):
         m = build_transformer(ModelConfig.from_name("omnigen-v1"), seed=None)
@@ -50,7 +50,7 @@ def test_trace_counts_the_adamw_step_temporaries_of_a_full_fine_tune():
     is AdamW's temporaries (sqrt(exp_avg_sq) and its quotient of the largest parameter, the fp32
     token embedding), alive with every gradient: the measured peak of a full fine-tune's step
     (benchmarks/memory_budget.py validates it; dropping them missed 0.79 GB)."""
-    from ditfuse.memory_budget import Recipe, trace_step
+    from ditfuse.model.memory_budget import Recipe, trace_step
 
     recipe = Recipe(name="full", batch_size=1, bucket=(256, 256), lora_r=None, base_dtype=None)
     peak = trace_step(recipe, 1)

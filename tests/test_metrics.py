@@ -1,4 +1,4 @@
-"""ditfuse.metrics against hand-computable cases and the independent reference
+"""ditfuse.eval.metrics against hand-computable cases and the independent reference
 (tests/_reference_metrics.py: numpy/scipy, written from METRICS.md, no shared code)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditfuse.metrics import (
+from ditfuse.eval.metrics import (
     CONVENTION,
     METRIC_NAMES,
     REFERENCE_CONVENTION,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, build_transformer, detect_layout, load_transformer
-from ditfuse.conditioning import build_conditioning, image_only_prompt
-from ditfuse.config import ModelConfig
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, build_transformer, detect_layout, load_transformer
+from ditfuse.model.conditioning import build_conditioning, image_only_prompt
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 TOL = 1e-5  # DESIGN.md: sdpa vs eager < 2e-6 in float32
 
@@ -118,7 +118,7 @@ def test_preset_checks_name_the_setting():
 def test_blocks_are_called_as_modules_and_diffusers_forward_still_works(tiny):
     """FSDP units / checkpoint wrappers sit around the blocks: our forward must call them, and the
     adopted transformer keeps diffusers' own forward."""
-    from ditfuse.backbone import DiTFuseBlock
+    from ditfuse.model.backbone import DiTFuseBlock
 
     cfg, tr = tiny
     bb = Backbone(tr)

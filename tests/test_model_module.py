@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ditfuse import prompts as P
-from ditfuse.lora import LoraSettings
+from ditfuse.core import prompts as P
+from ditfuse.model.lora import LoraSettings
 from ditfuse.module import DiTFuseModule, OptimizerSettings, WarmupSchedule
-from ditfuse.sampler import SamplerSettings
+from ditfuse.sampling.sampler import SamplerSettings
 
 TINY = dict(preset="tiny", model_overrides={"num_layers": 1},
             val_sampler=SamplerSettings(steps=2, guidance_scale=1.0, img_guidance_scale=1.0))

@@ -24,17 +24,17 @@ import pytest
 import torch
 from _release import RELEASE_PHI3, write_release
 
-from ditfuse import prompts as P
-from ditfuse.conditioning import NEGATIVE_PROMPT, PREFIX, SUFFIX, tokenize_multimodal
-from ditfuse.inference import (
+from ditfuse.core import prompts as P
+from ditfuse.model.conditioning import NEGATIVE_PROMPT, PREFIX, SUFFIX, tokenize_multimodal
+from ditfuse.commands.fuse import (
     main,
     parser,
-    resolve_dtype,
     sampler_settings,
 )
-from ditfuse.pairs import official_size, prepare_official, processor_crop, restore
-from ditfuse.sampler import SamplerSettings, euler, initial_noise
-from ditfuse.tokenizer import load_tokenizer
+from ditfuse.pipeline import resolve_dtype
+from ditfuse.interop.pairs import official_size, prepare_official, processor_crop, restore
+from ditfuse.sampling.sampler import SamplerSettings, euler, initial_noise
+from ditfuse.model.tokenizer import load_tokenizer
 from test_inference import tiny_dir  # noqa: F401  (fixture: tiny model with non-zero output layers)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,10 +136,10 @@ def test_negative_prompt_and_wrapper_equal_the_published_ones(published):
 # Negative prompt and the training drop-all row
 # ---------------------------------------------------------------------------------------------
 def test_unconditional_branch_uses_the_negative_prompt_without_images():
-    from ditfuse.backbone import Backbone, build_transformer
-    from ditfuse.config import ModelConfig
-    from ditfuse.sampler import GuidedVelocity
-    from ditfuse.tokenizer import BuiltinTokenizer
+    from ditfuse.model.backbone import Backbone, build_transformer
+    from ditfuse.model.config import ModelConfig
+    from ditfuse.sampling.sampler import GuidedVelocity
+    from ditfuse.model.tokenizer import BuiltinTokenizer
 
     tok, bb = BuiltinTokenizer(), Backbone(build_transformer(ModelConfig.from_name("tiny", num_layers=1)))
     lat = torch.zeros(1, 2, 12, 4, 4)
@@ -210,8 +210,8 @@ def test_processor_crop_is_a_no_op_at_test_py_sizes_and_limits_larger_inputs():
 
 
 def test_real_pairs_get_the_official_sizes(ivif_dir):
-    from ditfuse.images import read_image
-    from ditfuse.pairs import IMAGE_EXTS
+    from ditfuse.core.images import read_image
+    from ditfuse.interop.pairs import IMAGE_EXTS
 
     known = {(576, 768): (768, 1024), (475, 575): (832, 1024), (265, 546): (496, 1024)}
     seen = set()
@@ -334,15 +334,15 @@ def test_unwritable_output_folder_fails_before_the_model_loads(tmp_path, capsys)
 
 
 def test_core_reads_pairs_without_importing_datamodules():
-    code = ("import sys, ditfuse.inference, ditfuse.pairs, ditfuse.images; "
+    code = ("import sys, ditfuse.commands.fuse, ditfuse.interop.pairs, ditfuse.core.images; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('datamodules', 'callbacks')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    import ditfuse.pairs as core
+    import ditfuse.interop.pairs as core
     from datamodules import io, pairs
 
-    assert pairs.find_pairs is core.find_pairs and io.read_image.__module__ == "ditfuse.images"
+    assert pairs.find_pairs is core.find_pairs and io.read_image.__module__ == "ditfuse.core.images"
 
 
 def test_shipped_configs_spell_out_the_negative_prompt_and_cfg():

@@ -12,9 +12,9 @@ import torch
 from _release import write_release
 from safetensors.torch import load_file, save_file
 
-from ditfuse import weights
-from ditfuse.convert import check_adapter, check_pretrained, load_original_transformer
-from ditfuse.lightning_cli import check_model_config
+from ditfuse.interop import weights
+from ditfuse.interop.convert import check_adapter, check_pretrained, load_original_transformer
+from ditfuse.commands.lightning_cli import check_model_config
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_bf16_release_loads_as_views_of_its_mmap(release):
 
 
 def test_lora_module_keeps_the_bf16_base_uncopied(release):
-    from ditfuse.lora import LoraSettings
+    from ditfuse.model.lora import LoraSettings
     from ditfuse.module import DiTFuseModule
 
     model_dir, _ = release
@@ -97,7 +97,7 @@ def test_config_of_another_model_is_named_before_loading(release, tmp_path):
 
 
 def test_lora_of_another_rank_fails_before_the_model_is_built(release, tmp_path, monkeypatch):
-    from ditfuse import inference, module
+    from ditfuse import module, pipeline
 
     model_dir, lora = release
     bad = _copy(lora, tmp_path / "lora")
@@ -109,7 +109,7 @@ def test_lora_of_another_rank_fails_before_the_model_is_built(release, tmp_path,
     monkeypatch.setattr(module.DiTFuseModule, "__init__", never)
     with pytest.raises(ValueError, match=rf"lora_A of 'layers\.\d+\.self_attn\.\w+' has rank {cfg['r']} but "
                                          rf"adapter_config\.json says r={cfg['r'] + 1}"):
-        inference.load_module(model=str(model_dir), lora=str(bad))
+        pipeline.load_module(model=str(model_dir), lora=str(bad))
 
 
 def test_not_enough_host_ram_says_so_with_the_figures(release, monkeypatch):
@@ -127,7 +127,7 @@ def test_load_bytes_counts_only_conversions_as_copies(release):
 
 
 def test_resuming_a_lora_of_another_rank_names_the_setting():
-    from ditfuse.lora import LoraSettings
+    from ditfuse.model.lora import LoraSettings
     from ditfuse.module import DiTFuseModule
 
     m = DiTFuseModule(preset="tiny", model_overrides={"num_layers": 1}, lora=LoraSettings(r=2, alpha=2.0))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditfuse import prompts as P
-from ditfuse.backbone import Backbone, build_transformer
-from ditfuse.conditioning import build_conditioning, image_only_prompt
-from ditfuse.config import ModelConfig
-from ditfuse.sampler import SamplerSettings, branch_weights, euler, initial_noise, sample_latents
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.core import prompts as P
+from ditfuse.model.backbone import Backbone, build_transformer
+from ditfuse.model.conditioning import build_conditioning, image_only_prompt
+from ditfuse.model.config import ModelConfig
+from ditfuse.sampling.sampler import SamplerSettings, branch_weights, euler, initial_noise, sample_latents
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 
 def test_euler_with_oracle_reaches_target():
@@ -83,7 +83,7 @@ def _row_lengths(cond) -> list[int]:
 
 
 def test_guidance_branches_straddle_the_switch_and_batched_equals_sequential(switched_backbone):
-    from ditfuse.sampler import GuidedVelocity
+    from ditfuse.sampling.sampler import GuidedVelocity
 
     tok = BuiltinTokenizer()
     prompts = [P.default_prompt("mef"), P.default_prompt("m3")]

@@ -10,16 +10,16 @@ from itertools import pairwise
 import pytest
 import torch
 
-from ditfuse import prompts as P
-from ditfuse.sampler import (
+from ditfuse.core import prompts as P
+from ditfuse.sampling.sampler import (
     FAST_PRESET,
     GuidedVelocity,
     SamplerSettings,
     initial_noise,
     sample_latents,
 )
-from ditfuse.solvers import EVALS_PER_STEP, SOLVERS, solve, time_grid
-from ditfuse.tokenizer import BuiltinTokenizer
+from ditfuse.sampling.solvers import EVALS_PER_STEP, SOLVERS, solve, time_grid
+from ditfuse.model.tokenizer import BuiltinTokenizer
 
 # Gaussian data x1 ~ N(M, S^2) per coordinate: the marginal flow velocity is linear in x,
 # v(x, t) = M + (t S^2 - (1 - t)) / V(t) * (x - t M), V = t^2 S^2 + (1 - t)^2, and the ODE maps

@@ -16,9 +16,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ditfuse.sweep as sweep_mod
+import ditfuse.commands.sweep as sweep_mod
 from callbacks.hparams import HParamsLogger
-from ditfuse.sweep import main as sweep
+from ditfuse.commands.lightning_cli import run_lightning_cli
+from ditfuse.commands.sweep import main as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -51,8 +52,6 @@ needs_demo = needs_demo_file = pytest.mark.skipif(not DEMO.is_file(), reason="co
 
 def _print_config(*args: str) -> dict:
     """What `ditfuse fit ARGS --print_config` prints, run in this process (as the command parses)."""
-    from ditfuse.lightning_cli import run_lightning_cli
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
         run_lightning_cli(["fit", *args, "--print_config"])

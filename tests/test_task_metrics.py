@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ditfuse.task_metrics import SEG_ALPHA, binary_miou, control_accuracy, recover_overlay_mask
+from ditfuse.eval.task_metrics import SEG_ALPHA, binary_miou, control_accuracy, recover_overlay_mask
 
 
 def _overlay(base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ from _fit import DEMO, ROOT, fit_env
 from test_model_module import hand_batch
 from torch.utils.data import DataLoader
 
-from ditfuse import prompts as P
-from ditfuse.lightning_cli import run_lightning_cli
+from ditfuse.commands.lightning_cli import run_lightning_cli
+from ditfuse.core import prompts as P
 from ditfuse.module import GlobalMeans, DiTFuseModule, sample_seed, val_metric_names
 
 pytestmark = pytest.mark.xdist_group("val_ddp")  # the module's checkpoint fixture is built once
@@ -45,7 +45,7 @@ def test_sample_seed_is_per_key():
 
 def test_builtin_tokenizer_ids_do_not_depend_on_the_hash_seed():
     """Every rank is its own process with its own PYTHONHASHSEED: the ids must not move."""
-    code = ("from ditfuse.tokenizer import load_tokenizer; t = load_tokenizer('builtin'); "
+    code = ("from ditfuse.model.tokenizer import load_tokenizer; t = load_tokenizer('builtin'); "
             "print(t.id_to_token)")
     outs = {subprocess.run([sys.executable, "-c", code], env={**fit_env(), "PYTHONHASHSEED": str(h)},
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}

@@ -33,6 +33,16 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from datamodules.datamodule import DiTFuseDataModule
+from datamodules.pairs import PairsDataModule
+from ditfuse.checkpoint_io import with_atomic_checkpoints
+from ditfuse.interop.convert import check_pretrained
+from ditfuse.model.backbone import detect_layout
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.lora import LoraSettings
+from ditfuse.module import BASE_DTYPES, DiTFuseModule, FlowSettings, OptimizerSettings
+from ditfuse.sampling.sampler import SamplerSettings
+
 FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose save_dir / version we manage
 
 
@@ -48,18 +58,9 @@ def _as_dict(ns: Any) -> Any:
 
 def check_model_config(model: dict[str, Any]) -> None:
     """Fail fast (before building anything) on model settings that cannot work."""
-    from ditfuse.backbone import detect_layout
-    from ditfuse.config import ModelConfig
-    from ditfuse.lora import LoraSettings
-    from ditfuse.module import FlowSettings, OptimizerSettings
-    from ditfuse.sampler import SamplerSettings
-
     ModelConfig.from_name(model.get("preset", "tiny"), **(model.get("model_overrides") or {}))
     if model.get("pretrained"):
         detect_layout(model["pretrained"])  # raises a FileNotFoundError naming the path
-        from ditfuse.convert import check_pretrained
-        from ditfuse.module import BASE_DTYPES
-
         # whole files, config vs weights, host RAM: from the headers, before gigabytes are read
         check_pretrained(model["pretrained"], BASE_DTYPES.get(model.get("base_dtype")) if model.get("lora") else None)
     for key in ("vae_path", "tokenizer"):
@@ -244,8 +245,6 @@ class DiTFuseCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Checkpoints are written atomically (ditfuse.checkpoint_io) unless trainer.plugins
         chooses a CheckpointIO."""
-        from ditfuse.checkpoint_io import with_atomic_checkpoints
-
         if self.subcommand != "predict":
             kwargs.setdefault("plugins", with_atomic_checkpoints(self._get(self.config_init, "trainer",
                                                                            default={}).get("plugins")))
@@ -295,20 +294,14 @@ class DiTFuseCLI(LightningCLI):
 
 def datamodule_for(subcommand: str | None):
     """`predict` reads folders of pairs (datamodules.pairs.PairsDataModule, configs/predict.yaml);
-    fit/validate read shards (datamodules.DiTFuseDataModule)."""
+    fit/validate read shards (datamodules.datamodule.DiTFuseDataModule)."""
     if subcommand == "predict":
-        from datamodules.pairs import PairsDataModule
-
         return PairsDataModule
-    from datamodules import DiTFuseDataModule
-
     return DiTFuseDataModule
 
 
 def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download implicitly
-    from ditfuse.module import DiTFuseModule
-
     args = list(args)
     # `ditfuse fit ...` passes sys.argv[1:] explicitly; LightningCLI warns when both are set
     cli_args = None if args == sys.argv[1:] else args

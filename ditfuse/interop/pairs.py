@@ -1,9 +1,9 @@
 """Image pairs for inference: pairing, prompts, pre/post-processing (no Lightning).
 
-The one home for reading pairs: `ditfuse fuse` (ditfuse/inference.py) and `ditfuse predict`
+The one home for reading pairs: `ditfuse fuse` (ditfuse/commands/fuse.py) and `ditfuse predict`
 (datamodules/pairs.py's DataModule) import it, so both see a pair exactly the same way:
 
-1. read (8/16-bit, 1/3/4 channels, PNG/JPEG/BMP/TIFF; ditfuse.images), grey -> RGB;
+1. read (8/16-bit, 1/3/4 channels, PNG/JPEG/BMP/TIFF; ditfuse.core.images), grey -> RGB;
 2. image 2 is resized to image 1's size when they differ (the caller warns);
 3. the pair is scaled down (never up) so its long side fits `max_side`, then padded (reflect) on
    the bottom/right to a multiple of the model's pixels per token (16 for OmniGen-v1);
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ditfuse.images import IMAGE_EXTS, read_image, to_tensor, to_uint8
-from ditfuse.prompts import (
+from ditfuse.core.images import IMAGE_EXTS, read_image, to_tensor, to_uint8
+from ditfuse.core.prompts import (
     CONTROL_SUBTASKS,
     FUSION_TASKS,
     IMAGE_1,

@@ -2,7 +2,7 @@
 
 argparse accepts any unambiguous prefix of a long option (`--out` for `--output-dir`), so a typo
 or a half-remembered name silently sets some other option. Here prefixes are an error
-(allow_abbrev=False, as `ditfuse fit|validate|predict` in ditfuse.lightning_cli), and an unknown
+(allow_abbrev=False, as `ditfuse fit|validate|predict` in ditfuse.commands.lightning_cli), and an unknown
 option is answered with the nearest valid ones, in one line.
 """
 

@@ -2,7 +2,7 @@
 
 Images are matched by file stem across the folders and read as OpenCV reads them
 (`cv2.imread(IMREAD_COLOR)`, BGR; RoadScene's JPEGs then decode as in published tables), then
-scored by `ditfuse.metrics` in the MMIF-CDDFuse convention (docs/METRICS.md), image 1
+scored by `ditfuse.eval.metrics` in the MMIF-CDDFuse convention (docs/METRICS.md), image 1
 as source A and image 2 as source B. Output: one row per image, a mean row (NaN propagates, as
 in the evaluator's sums), optional baseline rows (pixelwise mean / max fusion of the same gray
 pairs: on infrared-visible sets max fusion out-scores published methods on MI, VIF and Qabf),
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ditfuse import metrics as fm
-from ditfuse.argparsing import StrictParser
+from ditfuse.commands.argparsing import StrictParser
+from ditfuse.eval import metrics as fm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FORMATS = ("md", "csv", "json")
@@ -250,13 +250,13 @@ def _parse_baselines(value: str | None) -> list[str]:
 
 
 def _build_iqa(args: argparse.Namespace) -> dict[str, Callable[[Tensor], Tensor]]:
-    """CLIPIQA/MANIQA scorers from --iqa-weights through ditfuse.iqa (imported only when asked)."""
+    """CLIPIQA/MANIQA scorers from --iqa-weights through ditfuse.eval.iqa (imported only when asked)."""
     if args.iqa_weights is None:
         return {}
     try:
-        from ditfuse.iqa import build_iqa_metrics
+        from ditfuse.eval.iqa import build_iqa_metrics
     except ImportError as exc:
-        raise EvalError(f"--iqa-weights needs ditfuse.iqa and pyiqa (pip install 'ditfuse[iqa]'): {exc}") from exc
+        raise EvalError(f"--iqa-weights needs ditfuse.eval.iqa and pyiqa (pip install 'ditfuse[iqa]'): {exc}") from exc
     kwargs = {} if args.maniqa_crops is None else {"maniqa_crops": args.maniqa_crops}
     names = tuple(n.strip().lower() for n in args.iqa_names.split(",") if n.strip())
     try:

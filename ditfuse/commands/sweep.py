@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ditfuse.argparsing import StrictParser
+from ditfuse.commands.argparsing import StrictParser
 
 TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 HPARAMS_CALLBACK = "callbacks.HParamsLogger"
@@ -231,7 +231,9 @@ def cli_composer(configs: list[Path]) -> Composer:
 
 def print_config(args: list[str]) -> DictConfig:
     """Run the fit CLI's --print_config here (no subprocess: Lightning is imported once)."""
-    from ditfuse.lightning_cli import run_lightning_cli
+    # imported here, not at the top: `ditfuse sweep --help` and a bad --grid answer in 0.3 s
+    # instead of the ~5 s Lightning and the model stack take (tests/test_layout.py, LAZY)
+    from ditfuse.commands.lightning_cli import run_lightning_cli
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,6 +1,6 @@
 """Image reading and encoding: 8/16-bit, 1/3/4 channels, PNG/JPEG/BMP/TIFF via OpenCV.
 
-The one home for decoding images: the core (ditfuse.pairs, `ditfuse fuse`) and the data
+The one home for decoding images: the core (ditfuse.interop.pairs, `ditfuse fuse`) and the data
 pipelines (datamodules, via datamodules.io) both read through it; imports point down.
 
 Arrays are numpy in RGB order: (H, W) or (H, W, 3), uint8 or uint16; alpha is dropped. 16-bit

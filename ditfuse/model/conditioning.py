@@ -8,7 +8,7 @@ sec. 2.1; diffusers' `OmniGenCollator.create_mask`):
 - text + time token: causal;
 - inside one input-image span: bidirectional;
 - condition tokens never see output-image tokens (so their K/V do not depend on t: the exact
-  KV cache of `ditfuse.sampler` rests on this);
+  KV cache of `ditfuse.sampling.sampler` rests on this);
 - output-image tokens see every real token;
 - left-pad columns are hidden from real rows; pad rows see everything (as OmniGen does; their
   values never reach a real token).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ditfuse.prompts import DROP_ALL_PROMPT, NEGATIVE_PROMPT
+from ditfuse.core.prompts import DROP_ALL_PROMPT, NEGATIVE_PROMPT
 
 # OmniGen's instruction wrapper (OmniGenMultiModalProcessor.add_prefix_instruction).
 PREFIX = "<|user|>\nGenerate an image according to the following instructions\n"

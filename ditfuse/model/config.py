@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from ditfuse.model.tokenizer import BuiltinTokenizer
+
 CodecKind = Literal["pixel", "vae"]
 TokenizerKind = Literal["builtin", "pretrained"]
 
@@ -99,8 +101,6 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    from ditfuse.tokenizer import BuiltinTokenizer
-
     tok = BuiltinTokenizer()
     # ~1.1M parameters: the size of the prototype that reached +8 dB over mean fusion at 32x32.
     return ModelConfig(

@@ -13,8 +13,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ditfuse.argparsing import StrictParser
-from ditfuse.prompts import CONTROL_SUBTASKS, FUSION_TASKS
+from ditfuse.commands.argparsing import StrictParser
+from ditfuse.core.prompts import CONTROL_SUBTASKS, FUSION_TASKS
 
 KINDS = ("fusion", "m3", "seg", "control")  # datamodules.schema.KINDS, without importing it
 

@@ -14,7 +14,7 @@ dense float mask built on the host and recomputes the condition tokens at every 
   blocks run (docs/scaling.md, what is exact under DDP/FSDP);
 - splits into `prefill` (condition tokens once -> per-layer K/V) and `step` (time token + output
   tokens against the cached K/V): exact, since condition tokens never attend to t-dependent
-  tokens (OmniGen's attention rule, see ditfuse.conditioning).
+  tokens (OmniGen's attention rule, see ditfuse.model.conditioning).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ditfuse.conditioning import AttentionMask, Conditioning
-from ditfuse.config import ModelConfig
+from ditfuse.interop.convert import load_original_transformer
+from ditfuse.interop.weights import read_header
+from ditfuse.model.conditioning import AttentionMask, Conditioning
+from ditfuse.model.config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,14 +96,10 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None):
     if layout == "diffusers":
         from diffusers import OmniGenTransformer2DModel
 
-        from ditfuse.weights import read_header
-
         for f in sorted(folder.glob("*.safetensors")):
             read_header(f)  # a truncated file is named here, not deep inside from_pretrained
         model = OmniGenTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
     else:
-        from ditfuse.convert import load_original_transformer
-
         model = load_original_transformer(folder, dtype)  # zero copy when stored as dtype
     return model if dtype is None else model.to(dtype)
 
@@ -404,7 +402,7 @@ class Backbone(nn.Module):
         h, temb = self.step_input(x_t, t)
         return self.step_output(self.step_blocks(h, cache), temb, *x_t.shape[-2:])
 
-    # `step` in its three parts, for the step caching of ditfuse.sampler (skip the blocks, reuse
+    # `step` in its three parts, for the step caching of ditfuse.sampling.sampler (skip the blocks, reuse
     # their residual): the blocks' input, the blocks, the output head.
     def step_input(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Blocks' input h (B, 1+N, D): time token + output tokens; and temb (B, D)."""

@@ -35,6 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditfuse.model.backbone import Backbone, build_transformer
+from ditfuse.model.conditioning import build_conditioning
+from ditfuse.model.config import ModelConfig
+from ditfuse.model.lora import LoraSettings, add_lora
+from ditfuse.model.tokenizer import BuiltinTokenizer
+
 GB = 1e9
 CATEGORIES = ("param", "buffer", "grad", "optstate", "act", "temp")
 # MemTracker's category names (torch.distributed._tools.mem_tracker._MemRefType values)
@@ -94,9 +100,6 @@ def _fakeify(model: nn.Module, mode, frozen_dtype: torch.dtype | None,
 def _conditioning(batch: int, tokens_per_image: int):
     """Conditioning of `batch` 2-image prompts; its data-dependent parts (small int tensors)
     are computed for real here, so the fake trace needs no values."""
-    from ditfuse.conditioning import build_conditioning
-    from ditfuse.tokenizer import BuiltinTokenizer
-
     cond = build_conditioning(BuiltinTokenizer(), [PROMPT] * batch, 2, tokens_per_image=tokens_per_image,
                               num_output_tokens=tokens_per_image)
     for name in ("attention", "position_ids", "image_token_index"):
@@ -128,10 +131,6 @@ def build_step(recipe: Recipe, num_layers: int, fake: bool = True) -> Step:
     """`recipe`'s model at `num_layers` layers with its optimizer and a batch at its bucket;
     fake=False builds it for real (the 1-2 layer validation against a measured peak)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ditfuse.backbone import Backbone, build_transformer
-    from ditfuse.config import ModelConfig
-    from ditfuse.lora import LoraSettings, add_lora
 
     cfg = ModelConfig.from_name("omnigen-v1", num_layers=num_layers)
     h, w = recipe.bucket[0] // 8, recipe.bucket[1] // 8  # SDXL VAE latents

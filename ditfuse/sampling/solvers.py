@@ -1,9 +1,9 @@
 """ODE solvers and time grids for the flow dx/dt = v(x, t), t = 0 noise -> t = 1 data (pure torch).
 
-Convention (ditfuse/flow.py): x_t = t * x1 + (1 - t) * x0, v = x1 - x0, so the data prediction
+Convention (ditfuse/sampling/flow.py): x_t = t * x1 + (1 - t) * x0, v = x1 - x0, so the data prediction
 is x1_hat = x + (1 - t) * v. Every solver takes a velocity function v(x, t) with t of shape (B,)
 and an ascending grid ts (N + 1,) from 0 to 1, so the exact KV cache (`Backbone.step`) and the
-guidance interval / step caching of ditfuse.sampler work under each of them unchanged.
+guidance interval / step caching of ditfuse.sampling.sampler work under each of them unchanged.
 
   euler     1 evaluation / step, order 1 (OmniGen's scheduler)
   heun      2 / step, order 2 (explicit trapezoid)
@@ -43,7 +43,7 @@ def time_grid(steps: int, schedule: Schedule = "uniform", shift: float = 1.0) ->
 
     uniform: linspace(0, 1, N + 1), OmniGen's scheduler (OmniGenScheduler, time_shifting_factor 1);
     shifted: t' = t / (t + shift * (1 - t)), OmniGen's time_shifting_factor / SD3's shift in this
-             t = 1-is-data convention (ditfuse.flow.sample_t): shift > 1 puts steps near the noise.
+             t = 1-is-data convention (ditfuse.sampling.flow.sample_t): shift > 1 puts steps near the noise.
     """
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
@@ -62,7 +62,7 @@ def _full(x: Tensor, t: float) -> Tensor:
 
 
 def euler(velocity: VelocityFn, x0: Tensor, ts: Tensor) -> Tensor:
-    """x <- x + (t_next - t) v(x, t) in float32 (also the float32 path of ditfuse.sampler.euler)."""
+    """x <- x + (t_next - t) v(x, t) in float32 (also the float32 path of ditfuse.sampling.sampler.euler)."""
     ts_list = ts.tolist()
     x = x0
     for t_cur, t_next in pairwise(ts_list):

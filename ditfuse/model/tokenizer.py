@@ -2,12 +2,12 @@
 
 Why not bytes: a byte-level tokenizer makes a DiTFuse prompt ~400 tokens, several times the
 2x64 image tokens of the 32x32 demo, and attention cost grows with it. Here each fixed phrase of
-the OmniGen wrapper and the DiTFuse template, each pooled instruction (ditfuse.prompts), each tag
+the OmniGen wrapper and the DiTFuse template, each pooled instruction (ditfuse.core.prompts), each tag
 and special marker is one token, other prompt words are one token each, and anything else falls
 back to its UTF-8 bytes: a wrapped DiTFuse prompt is ~20 tokens and every string still maps to
 ids without files.
 
-Both tokenizers expose the same small interface used by `ditfuse.conditioning`:
+Both tokenizers expose the same small interface used by `ditfuse.model.conditioning`:
 `encode(text) -> list[int]` (with a leading BOS, like the Llama/Phi-3 tokenizer OmniGen uses),
 `bos_token_id`, `pad_token_id`, `vocab_size`, and `__call__(text).input_ids` (the HF calling
 convention diffusers' OmniGenMultiModalProcessor relies on).
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from ditfuse import prompts as P
+from ditfuse.core import prompts as P
 
 # Ids 0..2 follow the Llama convention OmniGen inherits: <unk>=0, <s>=1 (BOS), </s>=2 (OmniGen's
 # collator pads with 2).

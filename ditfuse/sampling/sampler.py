@@ -4,7 +4,7 @@ v = v_u + s_img * (v_img - v_u) + s_txt * (v_c - v_img)   (OmniGen / InstructPix
   = s_txt * v_c + (s_img - s_txt) * v_img + (1 - s_img) * v_u
 where v_c sees text + images, v_img images only (OmniGen's image-CFG prompt), v_u no images and
 OmniGen's default negative prompt (`negative_prompt`). Branches with zero weight are not run
-(s_txt = s_img = 1 runs only v_c). Every row picks its own RoPE factors (ditfuse.backbone), so
+(s_txt = s_img = 1 runs only v_c). Every row picks its own RoPE factors (ditfuse.model.backbone), so
 batched branches give what running them one by one gives.
 
 Two settings reproduce the official pipeline's numerics (`ditfuse fuse --official`):
@@ -19,7 +19,7 @@ the output tokens (`Backbone.step`). Branches run batched in one call (fast) or 
 (less memory).
 
 Fewer evaluations (issue 18; off by default, so the default is today's Euler loop bit for bit):
-`solver` / `schedule` (ditfuse.solvers), `guidance_interval` = [t_lo, t_hi]: the guidance
+`solver` / `schedule` (ditfuse.sampling.solvers), `guidance_interval` = [t_lo, t_hi]: the guidance
 branches run only for t inside it, the conditional branch alone outside (Kynkaanniemi et al.,
 NeurIPS 2024, "Applying guidance in a limited interval"), and `cache_threshold`: step caching
 (TeaCache, Liu et al. 2024 / FORA): skip the blocks while the accumulated relative L1 change of
@@ -37,10 +37,10 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from ditfuse import solvers
-from ditfuse.conditioning import NEGATIVE_PROMPT, build_conditioning, image_only_prompt
-from ditfuse.flow import timesteps
-from ditfuse.solvers import SCHEDULES, SOLVERS, solve, time_grid
+from ditfuse.model.conditioning import NEGATIVE_PROMPT, build_conditioning, image_only_prompt
+from ditfuse.sampling import solvers
+from ditfuse.sampling.flow import timesteps
+from ditfuse.sampling.solvers import SCHEDULES, SOLVERS, solve, time_grid
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -56,7 +56,7 @@ class SamplerSettings:
     negative_prompt: str = NEGATIVE_PROMPT  # text of the unconditional branch (no images)
     noise: Literal["cpu", "device"] = "cpu"  # where x0 is drawn: cpu = the same on every device
     state: Literal["float32", "model"] = "float32"  # dtype of the Euler state (model: the original's)
-    solver: str = "euler"  # ditfuse.solvers.SOLVERS
+    solver: str = "euler"  # ditfuse.sampling.solvers.SOLVERS
     schedule: Literal["uniform", "shifted"] = "uniform"  # uniform = OmniGen's grid
     shift: float = 1.0  # with schedule "shifted": t' = t / (t + shift (1 - t))
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # [t_lo, t_hi]: always

@@ -162,7 +162,7 @@ _DOWNLOAD_FUNCTIONS: tuple[tuple[str, str], ...] = (
 def _blocked(qualname: str) -> Callable:
     def refuse(*args, **kwargs):
         raise IQADownloadBlocked(f"{qualname} tried to download while building an IQA metric "
-                                 "offline; place the file locally (see ditfuse.iqa)")
+                                 "offline; place the file locally (see ditfuse.eval.iqa)")
     return refuse
 
 

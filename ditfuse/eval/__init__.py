@@ -1,0 +1,3 @@
+"""Measurements: fusion metrics (`metrics`), segmentation / control scores (`task_metrics`) and
+no-reference IQA (`iqa`, optional pyiqa). Imports nothing of the project.
+"""
