@@ -19,7 +19,6 @@ seed alone, not from its position in a batch.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,21 +27,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditfuse.interop.convert import _model_config, check_adapter, detect_adapter_format, load_adapter_state, merge_lora
-from ditfuse.interop.pairs import DEFAULT_MAX_SIDE, PreparedPair, batch_pairs, prepare_official, prepare_pair, restore
+from ditfuse.interop.convert import (
+    _model_config,
+    check_adapter,
+    detect_adapter_format,
+    load_adapter_state,
+    merge_lora,
+)
+
+# FuseError, DTYPES: defined with the pair handling so that `ditfuse fuse` parses without the model stack
+from ditfuse.interop.pairs import (
+    DEFAULT_MAX_SIDE,
+    DTYPES,
+    FuseError,
+    PreparedPair,
+    _stderr_warning,
+    batch_pairs,
+    prepare_official,
+    prepare_pair,
+    restore,
+)
 from ditfuse.model.lora import has_lora, merge_and_unload
 from ditfuse.module import DiTFuseModule, load_checkpoint_dict
 from ditfuse.sampling.sampler import SamplerSettings
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class FuseError(Exception):
-    """A problem the user fixes by changing an option or a file; printed as one line."""
-
-
-def _stderr_warning(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,16 +23,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ditfuse.commands.argparsing import StrictParser
 from ditfuse.core.images import ImageReadError, read_image, to_tensor, to_uint8
 from ditfuse.core.prompts import CONTROL_SUBTASKS, FUSION_TASKS, NEGATIVE_PROMPT
-from ditfuse.interop.pairs import PreparedPair, find_pairs, make_prompt, pair_dirs, read_prompt_file
-from ditfuse.pipeline import DTYPES, FuseError, FusionPipeline, _stderr_warning
+from ditfuse.interop.pairs import (
+    DTYPES,
+    FuseError,
+    PreparedPair,
+    _stderr_warning,
+    find_pairs,
+    make_prompt,
+    pair_dirs,
+    read_prompt_file,
+)
 from ditfuse.sampling.sampler import SamplerSettings
 from ditfuse.sampling.solvers import SCHEDULES, SOLVERS
+
+if TYPE_CHECKING:
+    from ditfuse.pipeline import FusionPipeline
 
 OUTPUT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PRESETS = ("tiny", "omnigen-v1")
@@ -314,7 +326,7 @@ DEFAULTS = (2.5, 1.6, 0)  # OmniGen's pipeline defaults (guidance 2.5 in its exa
 def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
     """The sampler for the command line; unset guidance / seed take the mode's defaults."""
     g, ig, seed = OFFICIAL_DEFAULTS[_mode(args)] if args.official else DEFAULTS
-    pick = lambda v, default: default if v is None else v  # noqa: E731
+    pick = lambda v, default: default if v is None else v
     official = {"noise": "device", "state": "model"} if args.official else {}
     return SamplerSettings(**solver_options(args), guidance_scale=pick(args.guidance_scale, g),
                            img_guidance_scale=pick(args.img_guidance_scale, ig), kv_cache=not args.no_kv_cache,
@@ -358,6 +370,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise FuseError("--batch-size and --steps must be >= 1")
     sampler = sampler_settings(args)  # a bad solver setting fails here, before the model loads
+    # the model stack (Lightning, diffusers) loads only once the arguments are good (LAZY)
+    from ditfuse.pipeline import FusionPipeline
+
     pipe = FusionPipeline.load(args.model, args.preset, args.lora, args.checkpoint, args.vae, args.tokenizer,
                                use_ema=not args.no_ema, device=args.device, dtype=args.dtype,
                                max_side=args.max_side, sampler=sampler, official=args.official)

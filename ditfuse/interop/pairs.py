@@ -19,6 +19,7 @@ the output stays at that size.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,17 @@ from ditfuse.core.prompts import (
     default_prompt,
     instruction_for,
 )
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # `--dtype` names
+
+
+class FuseError(Exception):
+    """A problem the user fixes by changing an option or a file; printed as one line."""
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
 
 DEFAULT_MAX_SIDE = 1024  # DiTFuse/OmniGen sample at a 1024 px long side
 
@@ -227,7 +239,7 @@ def official_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(h, w) of test.py's prepare_image_for_model: scale so the long side is `max_side` (up or
     down), round each side, floor it to a multiple of 16 (at least 16)."""
     scale = float(max_side) / float(max(height, width))
-    floor16 = lambda x: max(OFFICIAL_MULTIPLE, int(round(x * scale)) // OFFICIAL_MULTIPLE * OFFICIAL_MULTIPLE)  # noqa: E731
+    floor16 = lambda x: max(OFFICIAL_MULTIPLE, int(round(x * scale)) // OFFICIAL_MULTIPLE * OFFICIAL_MULTIPLE)
     return floor16(height), floor16(width)
 
 
@@ -293,6 +305,6 @@ def image_size(path: Path) -> tuple[int, int]:
 
         with Image.open(path) as im:
             return im.height, im.width
-    except Exception:  # noqa: BLE001 - any header PIL cannot parse: decode with OpenCV
+    except Exception:
         arr = read_image(path)
         return arr.shape[0], arr.shape[1]
