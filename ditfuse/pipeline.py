@@ -232,8 +232,8 @@ class FusionPipeline:
             raise ValueError(f"fuse_batch: batch_size must be >= 1, got {batch_size}")
         items = [self.prepare(a, b, f"pair {i}") for i, (a, b) in enumerate(pairs)]
         groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):  # the command's bucketing (ditfuse/commands/fuse.py, _batches)
-            groups.setdefault((tuple(item.images.shape), item.sample_hw), []).append(i)
+        for i, item in enumerate(items):
+            groups.setdefault(item.batch_key, []).append(i)
         out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(items)
         for idx in groups.values():
             for k in range(0, len(idx), batch_size):

@@ -168,7 +168,7 @@ def _batches(pipe: FusionPipeline, jobs: list[Job], batch_size: int, report: Run
             report.skipped.append((job.name, str(e)))
             pipe.warn(f"skipping pair {job.name}: {e}")
             continue
-        key = (tuple(item.images.shape), item.sample_hw)
+        key = item.batch_key
         bucket = buckets.setdefault(key, [])
         bucket.append((job, item))
         if len(bucket) == batch_size:

@@ -205,6 +205,12 @@ class PreparedPair:
     sample_hw: tuple[int, int] | None = None  # size to sample at when not the inputs' (official, > 1024)
     truncate: bool = False  # write uint8 by truncation (the official pipeline) instead of rounding
 
+    @property
+    def batch_key(self) -> tuple:
+        """Pairs with equal keys can be sampled in one batch (`batch_pairs`): same padded inputs,
+        same sampling size."""
+        return tuple(self.images.shape), self.sample_hw
+
 
 def prepare_pair(image1: np.ndarray, image2: np.ndarray, max_side: int, multiple: int) -> PreparedPair:
     """Arrays from `read_image` -> a model-ready pair (see the module docstring)."""
