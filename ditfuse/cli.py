@@ -9,6 +9,7 @@ itself imports nothing heavy (no torch, no Lightning).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -28,6 +29,37 @@ LIGHTNING = {
 # Lightning's `test` needs a test_step the module does not have; validate is the metrics run
 NOT_COMMANDS = {"test": "use `ditfuse validate --config CFG --ckpt_path CKPT` (validation metrics on "
                         "data.val_shards; point them at your test shards)"}
+
+
+class _ImportNoise(logging.Filter):
+    """Drops one known import-time log line of a library below the model stack."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+# logger -> the line it drops. bitsandbytes (a peft and pyiqa dependency) looks up a 4-bit CPU
+# GEMM kernel on the Hub when it is imported on a CPU with AVX512-bf16 and says, twice, that it
+# could not; ditfuse never runs 4-bit layers. One object each, so adding it again is a no-op.
+IMPORT_NOISE = {
+    "bitsandbytes.backends.cpu.ops": _ImportNoise("Failed to load CPU gemm_4bit_forward from kernels-community"),
+    "kernels._internals.hf_hub": _ImportNoise("Skipping publisher trust check for 'kernels-community/"),
+}
+
+
+def prepare_process() -> None:
+    """Before any command imports the model stack. Every weight ditfuse reads comes from a local
+    path (configs name folders), so the Hub is switched off unless the caller set HF_HUB_OFFLINE
+    itself: huggingface_hub reads it once, at its first import, and bitsandbytes' import-time
+    kernel lookup would otherwise ask huggingface.co (from every rank of a job, where a firewall
+    that drops packets makes it wait)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for logger, noise in IMPORT_NOISE.items():
+        logging.getLogger(logger).addFilter(noise)
 
 
 def version() -> str:
@@ -95,6 +127,7 @@ def _dispatch(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prepare_process()
     try:
         rc = _dispatch(argv)
         sys.stdout.flush()  # a closed pipe surfaces here, inside the handler, not at exit

@@ -97,6 +97,37 @@ def test_the_entry_point_imports_neither_torch_nor_lightning():
     assert res.returncode == 0 and res.stdout.strip().endswith("[]"), res.stderr
 
 
+def test_the_hub_is_off_before_the_model_stack_imports_and_its_import_noise_is_gone():
+    """Weights come from local paths only, so `ditfuse` switches the Hub off before anything
+    imports huggingface_hub (which reads HF_HUB_OFFLINE once): bitsandbytes, pulled in by peft,
+    asks the Hub for a CPU kernel at import on AVX512-bf16 CPUs and logs two lines about it."""
+    code = ("import contextlib, io; from ditfuse.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['fit', '--help'])\n"
+            "import bitsandbytes, huggingface_hub.constants as hub\n"
+            "print(hub.HF_HUB_OFFLINE)")
+    res = _run(code)  # _run's environment has no HF_HUB_OFFLINE
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
+    assert "kernels-community" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_hub_setting_the_caller_chose_is_kept(monkeypatch):
+    import logging
+
+    from ditfuse import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    cli.prepare_process()
+    cli.prepare_process()  # once per process in effect: the filters are not stacked
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+    for name, noise in cli.IMPORT_NOISE.items():
+        assert logging.getLogger(name).filters.count(noise) == 1
+        kept = logging.LogRecord(name, logging.WARNING, __file__, 1, "another warning", None, None)
+        dropped = logging.LogRecord(name, logging.WARNING, __file__, 1, noise.start + ": details", None, None)
+        assert noise.filter(kept) and not noise.filter(dropped)
+
+
 def test_closed_pipe_is_not_a_traceback():
     """`ditfuse -h | head`: the reader leaves; the writer ends quietly."""
     read_end, write_end = os.pipe()

@@ -301,7 +301,6 @@ def datamodule_for(subcommand: str | None):
 
 
 def run_lightning_cli(args: list[str]) -> DiTFuseCLI:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download implicitly
     args = list(args)
     # `ditfuse fit ...` passes sys.argv[1:] explicitly; LightningCLI warns when both are set
     cli_args = None if args == sys.argv[1:] else args
