@@ -278,6 +278,10 @@ class DiTFuseDataModule(L.LightningDataModule):
         return MixedStream(spec, *self._rank_world())
 
     def train_dataloader(self) -> DataLoader:
+        # Lightning then warns that an IterableDataset's __len__ "could be inaccurate" with
+        # num_workers > 1. MixedStream's is exact: the workers split batches_per_epoch between them
+        # (tests/test_data_mixing.py::test_workers_split_and_count_exactly), so the warning misleads
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         return _CountingLoader(self.train_dataset(), self._position, self._start_positions, self._delivered,
                                num_workers=self.num_workers, pin_memory=self.pin_memory)
 

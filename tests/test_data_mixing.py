@@ -160,6 +160,15 @@ def test_workers_split_and_count_exactly(shards):
     assert len(keys) == 40
 
 
+def test_lightning_does_not_warn_that_the_exact_length_may_be_wrong(shards, recwarn):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.data import has_len_all_ranks
+
+    loader = _dm(shards, num_workers=2, batches_per_epoch=5).train_dataloader()
+    assert has_len_all_ranks(loader, SingleDeviceStrategy(torch.device("cpu")))  # what fit calls
+    assert not [w for w in recwarn if "__len__" in str(w.message)]
+
+
 def test_validation_is_finite_deterministic_one_task_per_batch_round_robin(shards):
     dm = _dm(shards, val_batch_size=3)
     v1, v2 = list(dm.val_dataloader()), list(dm.val_dataloader())
