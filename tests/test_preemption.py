@@ -5,9 +5,9 @@
    2-rank DDP to every rank or to rank 0 alone): callbacks.interrupt.InterruptCheckpoint saves
    last.ckpt at the step every rank agreed on, the run exits 128 + signal; the same command with
    `--ckpt_path last` resumes from it.
-3. SLURM's pre-timeout SIGUSR1 (simulated: SLURM variables set, a fake `scontrol` on PATH):
-   Lightning saves hpc_ckpt_N.ckpt and requeues; the requeued job (the same command, no
-   ckpt_path) resumes from it.
+3. SLURM's pre-timeout SIGUSR1 to both tasks of a simulated 2-task srun step (SLURM variables
+   per task, a fake `scontrol` on PATH): every rank stops at one step, hpc_ckpt_1.ckpt holds it,
+   rank 0 requeues; the requeued job (the same command, no ckpt_path) resumes from it.
 Both check: the step count continues (no jump back to step 0), the logged train/loss curve of
 the resumed run starts after the checkpoint, torch's RNG continues exactly (RankSeed), the data
 stream draws new samples instead of replaying the epoch start, and optimizer / scheduler /
@@ -209,39 +209,85 @@ def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir)
     assert final["global_step"] == max_steps
 
 
-def test_slurm_sigusr1_saves_requeues_and_the_same_command_resumes(tmp_path, demo_dir):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+def _srun_tasks(cmd: list[str], tmp: Path, port: int, restart: int) -> list[subprocess.Popen]:
+    """The 2 tasks of one simulated `srun` job step on one node: SLURM's per-task variables (as
+    srun sets them; Lightning's SLURMEnvironment reads them and starts no processes itself), a
+    fake `scontrol` on PATH that logs its arguments, each task in a process group of its own."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'scontrol.log'}\n")
     scontrol.chmod(0o755)
-    env = fit_env()
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="ditfuse-test",
-               SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="localhost", SLURM_PROCID="0",
-               SLURM_LOCALID="0", SLURM_NODEID="0")
+    tasks = []
+    for rank in range(2):
+        env = fit_env()
+        env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="ditfuse-test",
+                   SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NODELIST="localhost", SLURM_NODEID="0",
+                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_RESTART_COUNT=str(restart),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        tasks.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return tasks
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ended(tasks: list[subprocess.Popen], limit: float) -> list[str]:
+    outs = []
+    for task in tasks:
+        try:
+            outs.append(task.communicate(timeout=limit)[0])
+        except subprocess.TimeoutExpired:
+            for t in tasks:
+                os.killpg(t.pid, signal.SIGKILL)
+            raise AssertionError(f"a task of the step still runs {limit:.0f} s later") from None
+    return outs
+
+
+def test_slurm_requeue_signal_to_every_task_saves_one_step_requeues_once_and_the_job_resumes(tmp_path, demo_dir):
+    """`#SBATCH --signal=SIGUSR1@90` signals every task of the step (and its DataLoader worker),
+    each at its own point of a step. Lightning's handler saved inside the handler, where the
+    DataModule's state gathers every rank's stream positions: the ranks hung before writing
+    anything. InterruptCheckpoint agrees on it after a batch instead: every rank stops at one
+    step, hpc_ckpt_1.ckpt holds it, rank 0 requeues the job once, and the requeued job (the same
+    command, no --ckpt_path) continues from that step."""
     plugins = [{"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
                 "init_args": {"auto_requeue": True, "requeue_signal": "SIGUSR1"}}]  # as ddp_a100.yaml
-    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_checkpointing(tmp_path), plugins=plugins)
+    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
+                   plugins=plugins, strategy="ddp", devices=2, data={"num_workers": 1})
     cmd = fit_cmd(cfg)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= 3, proc, "3 training steps")
-    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=SIGUSR1@90` sends before the time limit
-    hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
-    _wait(lambda: (tmp_path / "scontrol.log").is_file(), proc, "the requeue call")
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    assert hpc.is_file()
-    # SLURM ends the job once it is requeued; here it runs one more step first, so that both
-    # runs have a step to compare
-    signalled = len(_batches(read_runlog(tmp_path / "runlog"), proc.pid))
-    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) > signalled, proc, "one more step")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    ckpt_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    tasks = _srun_tasks(cmd, tmp_path, _free_port(), restart=0)
+    steps = lambda rank: [r["step"] for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == "batch"]
+    _wait(lambda: min(len(steps(0)), len(steps(1))) >= 3, tasks[0], "3 training steps on both ranks")
+    os.killpg(tasks[0].pid, signal.SIGUSR1)  # rank 0 and its worker first, rank 1 a moment later
+    time.sleep(0.3)
+    os.killpg(tasks[1].pid, signal.SIGUSR1)
+    outs = _ended(tasks, 120)
+    first_pid = tasks[0].pid
 
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert "hpc_ckpt_1.ckpt" in res.stdout + res.stderr  # Lightning restored the preemption checkpoint
-    _check_resumed(tmp_path, ckpt_step, proc.pid)
+    assert tasks[0].returncode == 128 + signal.SIGUSR1, outs[0][-3000:]
+    # rank 1 exits 138 too, unless its own signal arrives after the run ended on rank 0's (then,
+    # past Lightning's teardown, the signal's default action ends it: the work is saved by then)
+    assert tasks[1].returncode in (128 + signal.SIGUSR1, -signal.SIGUSR1), outs[1][-3000:]
+    assert not any("Traceback" in out for out in outs), outs[0][-3000:] + outs[1][-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # once, by rank 0
+    hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
+    ckpt_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert 3 <= ckpt_step < MAX_STEPS and steps(0)[-1] == steps(1)[-1] == ckpt_step  # one step, every rank
+    assert f"at step {ckpt_step}: saved {hpc}" in outs[0] and "requeued SLURM job 4242" in outs[0]
+
+    requeued = _srun_tasks(cmd, tmp_path, _free_port(), restart=1)  # the same command, no --ckpt_path
+    outs = _ended(requeued, 300)
+    assert [t.returncode for t in requeued] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "hpc_ckpt_1.ckpt" in outs[0]  # Lightning restored the preemption checkpoint
+    assert [r["step"] for r in read_runlog(tmp_path / "runlog", 1) if r["event"] == "train_start"] == [0, ckpt_step]
+    _check_resumed(tmp_path, ckpt_step, first_pid, overlap=False)
 
 
 def _survivor_out(proc: subprocess.Popen, limit: float = 80) -> str:

@@ -421,8 +421,9 @@ def sbatch_script(points: list[Point], paths: list[Path], out: Path, sweep_name:
         "#!/bin/bash",
         f"# Sweep {sweep_name!r}: {len(points)} points, one array task each (written by `ditfuse sweep`).",
         f"# Submit: sbatch {out.resolve() / 'sweep.sbatch'}    Compare: tensorboard --logdir {out.resolve() / 'tb'}",
-        "# One task per device (Lightning's SLURMEnvironment reads the srun layout); SIGUSR1 90 s",
-        "# before the time limit makes Lightning save runs/<point>/hpc_ckpt_*.ckpt and requeue the task.",
+        "# One task per device (Lightning's SLURMEnvironment reads the srun layout); SIGUSR1 90 s before",
+        "# the time limit makes every rank save runs/<point>/hpc_ckpt_*.ckpt at one step and rank 0",
+        "# requeue the task (callbacks.interrupt.InterruptCheckpoint, in the shipped fit configs).",
         *([f"# trainer.devices is {devices_cfg!r}: one task is requested per node; set trainer.devices (and these",
            "# lines) to the GPUs per node, or add --config configs/cluster/ddp_a100.yaml"]
           if devices_cfg != devices else []),
