@@ -10,8 +10,9 @@ foreground process group. So:
 - DataLoader workers ignore SIGINT/SIGTERM/SIGUSR1 (`datamodules.workers.ignore_stop_signals`):
   the main process ends them, instead of torch reporting "worker killed by signal" mid-batch.
 - During training this callback replaces the SIGINT/SIGTERM handlers with one that only notes
-  the signal. After every training batch the ranks agree (one all-reduce MAX of the noted
-  signal, the ranks are in step there) whether any of them was signalled; if so every rank
+  the signal. After every optimizer step (the last micro-batch of a gradient-accumulation window:
+  a checkpoint keeps no accumulated gradient) the ranks agree (one all-reduce MAX of the noted
+  signal's priority, the ranks are in step there) whether any of them was signalled; if so every rank
   saves last.ckpt at that same step and raises `SignalStop`, exit status 128 + signal number
   (130 for SIGINT, 143 for SIGTERM, as a shell reports a process the signal ended).
   A signal to rank 0 alone stops all ranks alike; a signal to all ranks stops them once.
@@ -176,6 +177,11 @@ class InterruptCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # mid gradient accumulation: a checkpoint holds no accumulated gradient, so one taken
+            # here would resume into an optimizer step short of these micro-batches. Every rank is
+            # at the same micro-batch, so every rank skips the agreement alike.
+            return
         signum = agreed_signal(trainer, self._noted, self._ranked)
         if not signum:
             return

@@ -56,8 +56,9 @@ def _tb_loss_steps(event_file: Path) -> list[int]:
     return [e.step for e in acc.Scalars("train/loss")]
 
 
-def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int, overlap: bool = True) -> None:
-    """overlap: the first run went on past its checkpoint, so both runs have steps to compare."""
+def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int, overlap: bool = True, accumulate: int = 1) -> None:
+    """overlap: the first run went on past its checkpoint, so both runs have steps to compare.
+    accumulate: micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
     log = read_runlog(tmp / "runlog")
     pids = list(dict.fromkeys(r["pid"] for r in log))
     assert pids[0] == first_pid and len(pids) == 2, pids
@@ -66,18 +67,22 @@ def _check_resumed(tmp: Path, ckpt_step: int, first_pid: int, overlap: bool = Tr
 
     # the step count continues from the checkpoint, no jump back to step 0
     assert start["step"] == ckpt_step > 0
-    assert [b["step"] for b in after] == list(range(ckpt_step + 1, MAX_STEPS + 1))
+    # a batch logs the step count after it: with accumulation k, k, k+1, k+1, ... (whole windows:
+    # a checkpoint taken inside one would resume into an optimizer step short of micro-batches)
+    n_after = accumulate * (MAX_STEPS - ckpt_step)
+    assert [b["step"] for b in after] == [ckpt_step + (i + 1) // accumulate for i in range(n_after)]
     # so does the logged curve: the resumed run's event file holds consecutive points after the
     # checkpoint. Lightning logs optimizer step k at x = k - 1; after a checkpoint taken by the
     # SIGUSR1 handler in the middle of a batch it counts that batch as done, so x = k there
     # (a one-point gap in the curve, never an overlap or a jump back).
     event_files = sorted((tmp / "run" / "tb" / "v0").glob("events.out.tfevents.*"), key=os.path.getmtime)
-    xs = _tb_loss_steps(event_files[-1])
+    xs = list(dict.fromkeys(_tb_loss_steps(event_files[-1])))  # (one point per micro-batch, at its step)
     assert xs[0] in (ckpt_step, ckpt_step + 1) and xs == list(range(xs[0], xs[0] + MAX_STEPS - ckpt_step))
     # torch's global RNG continues exactly where the killed run would have been
-    by_step = {b["step"]: b["rng"] for b in before}
-    shared = [b for b in after if b["step"] in by_step]
-    assert (bool(shared) or not overlap) and all(b["rng"] == by_step[b["step"]] for b in shared)
+    if overlap:
+        by_step = {b["step"]: b["rng"] for b in before}
+        shared = [b for b in after if b["step"] in by_step]
+        assert shared and all(b["rng"] == by_step[b["step"]] for b in shared)
     # the data stream continues with new draws instead of replaying the start of the epoch
     assert all(a["keys"] != b["keys"] for a, b in zip(after, before))
 
@@ -144,25 +149,31 @@ def _stopped(proc: subprocess.Popen, sig: int, tmp: Path) -> tuple[int, str]:
     return torch.load(last, map_location="cpu", weights_only=False)["global_step"], out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resumes(tmp_path, demo_dir, sig):
+@pytest.mark.parametrize("sig, accumulate", [(signal.SIGINT, 1), (signal.SIGTERM, 3)],
+                         ids=["SIGINT", "SIGTERM-accumulate3"])
+def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resumes(tmp_path, demo_dir, sig,
+                                                                                     accumulate):
     """The signal reaches the main process and its 2 DataLoader workers at once (Ctrl-C in a
-    terminal, `scancel`): the workers ignore it, the main process saves at the step reached."""
+    terminal, `scancel`): the workers ignore it, the main process saves at the step reached
+    (with gradient accumulation: at the end of the window it is in)."""
     cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
-                   data={"num_workers": 2})
+                   data={"num_workers": 2}, accumulate_grad_batches=accumulate)
     cmd = fit_cmd(cfg, "--ckpt_path", "last")
     proc = _start_group(cmd)
-    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= 3, proc, "3 training steps")
+    # with accumulation, the signal comes as the first micro-batch of step 3's window runs
+    _wait(lambda: len(_batches(read_runlog(tmp_path / "runlog"), proc.pid)) >= (3 if accumulate == 1 else 2 * accumulate),
+          proc, "the first steps")
     os.killpg(proc.pid, sig)
     ckpt_step, _ = _stopped(proc, sig, tmp_path)
-    assert 3 <= ckpt_step < MAX_STEPS
+    assert 2 <= ckpt_step < MAX_STEPS
     ran = _batches(read_runlog(tmp_path / "runlog"), proc.pid)
     assert ran[-1]["step"] == ckpt_step  # saved at the step reached, after its batch was logged
+    assert len(ran) == accumulate * ckpt_step  # ... and after the window's last micro-batch
 
     run_fit(cfg, "--ckpt_path", "last")
     # the interrupt saved the step it stopped at: no step ran twice (no overlap to compare RNG on);
     # the end of fit wrote last.ckpt at MAX_STEPS (the periodic save never fired)
-    _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
+    _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False, accumulate=accumulate)
 
 
 def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir):
