@@ -16,13 +16,15 @@ foreground process group. So:
   saves last.ckpt at that same step and raises `SignalStop`, exit status 128 + signal number
   (130 for SIGINT, 143 for SIGTERM, as a shell reports a process the signal ended).
   A signal to rank 0 alone stops all ranks alike; a signal to all ranks stops them once.
+  During a validation inside fit they agree after each validation batch as well (a validation
+  can outlast SLURM's KillWait); that save holds the step before the validation.
 - SLURM's pre-time-limit signal (`#SBATCH --signal=SIGUSR1@90`, with Lightning's
   `SLURMEnvironment(auto_requeue=True)`) is noted and agreed on the same way: every rank saves
   `<default_root_dir>/hpc_ckpt_N.ckpt` (the name Lightning's own handler writes and a requeued
   run resumes from without --ckpt_path) at one step, rank 0 runs `scontrol requeue <job>`, and
   the run exits 128 + signal (138). A SIGTERM or SIGINT on any rank outranks it: no requeue of
   a job that is being cancelled.
-- A second signal to a process (an impatient Ctrl-C) raises KeyboardInterrupt at once: no save,
+- A second Ctrl-C or SIGTERM to a process (impatience) raises KeyboardInterrupt at once: no save,
   and the previous last.ckpt stays whole (checkpoints are written atomically, ditfuse.checkpoint_io).
   Once the checkpoint is written, the signals take their default action again (the process is
   ending; `scontrol requeue` itself makes SLURM send SIGTERM to the job).
@@ -143,9 +145,12 @@ class InterruptCheckpoint(Checkpoint):
 
     # -- the handler: note, nothing else (a collective or a save inside a handler could deadlock)
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self._noted:
-            raise KeyboardInterrupt  # a second signal: stop now, without a checkpoint
-        self._noted = signum
+        if self._noted and self._noted != self._requeue:
+            raise KeyboardInterrupt  # a second Ctrl-C / SIGTERM: stop now, without a checkpoint
+        if not self._noted or signum != self._requeue:
+            # SLURM's SIGTERM at the time limit after its requeue signal outranks it; the requeue
+            # signal twice is one
+            self._noted = signum
 
     def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # signal.signal's requirement
@@ -182,19 +187,32 @@ class InterruptCheckpoint(Checkpoint):
             # here would resume into an optimizer step short of these micro-batches. Every rank is
             # at the same micro-batch, so every rank skips the agreement alike.
             return
+        self._stop_if_signalled(trainer, "")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # A validation inside fit can outlast what a cluster waits between its signal and SIGKILL
+        # (SLURM: KillWait after SIGTERM, 90 s after SIGUSR1 in fit.sbatch), so the ranks agree
+        # after each validation batch too (under DDP every rank has as many: Lightning's
+        # distributed sampler pads them). The training state saved is the step before the
+        # validation; the validation is not finished and logs nothing.
+        if self._previous and not trainer.sanity_checking:  # fit's training has begun
+            self._stop_if_signalled(trainer, " (during validation)")
+
+    def _stop_if_signalled(self, trainer: pl.Trainer, where: str) -> None:
         signum = agreed_signal(trainer, self._noted, self._ranked)
         if not signum:
             return
         step = trainer.global_step
         if signum == self._requeue:
-            self._save_and_requeue(trainer, signum)
+            self._save_and_requeue(trainer, signum, where)
         else:
-            self._save_last(trainer, signum)
+            self._save_last(trainer, signum, where)
         self._release()
         raise SignalStop(signum, step)
 
-    def _save_last(self, trainer: pl.Trainer, signum: int) -> None:
-        what, step = NAMES.get(signum, f"signal {signum}"), trainer.global_step
+    def _save_last(self, trainer: pl.Trainer, signum: int, where: str) -> None:
+        what, step = NAMES.get(signum, f"signal {signum}") + where, trainer.global_step
         cb = last_checkpointer(trainer)
         if cb is not None and getattr(cb, "_last_global_step_saved", -1) == step:
             rank_zero_info(f"[ditfuse] {what} at step {step}: {cb.last_model_path} holds this step; resume "
@@ -207,13 +225,13 @@ class InterruptCheckpoint(Checkpoint):
             rank_zero_info(f"[ditfuse] {what} at step {step}: saved {path} (all {trainer.world_size} rank(s)); "
                            "resume with the same command and --ckpt_path last")
 
-    def _save_and_requeue(self, trainer: pl.Trainer, signum: int) -> None:
+    def _save_and_requeue(self, trainer: pl.Trainer, signum: int, where: str) -> None:
         # Lightning's name (hpc_ckpt_<N+1> in default_root_dir), which its restore picks up when a
         # requeued run has no --ckpt_path; rank 0 chooses it, so every rank writes the same file
         path = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         step = trainer.global_step
         trainer.save_checkpoint(path)  # a collective: every rank is here, after the same batch
-        what = f"SLURM's requeue signal ({signal.Signals(signum).name})"
+        what = f"SLURM's requeue signal ({signal.Signals(signum).name}){where}"
         if not trainer.is_global_zero:
             return
         job = slurm_job_id()

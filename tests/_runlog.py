@@ -20,7 +20,8 @@ import torch
 class RunLog(pl.Callback):
     """Appends {rank, world, step, batch_idx, keys, kinds, loss, rng, t, pid} to
     `<out>/rank<r>.jsonl` after every training batch, and a `train_start` line (with the step
-    training starts from), and an `exception` line (type, step) when fit stops on one."""
+    training starts from), a `val_batch` line per validation batch and a `val_end` line, and an
+    `exception` line (type, step) when fit stops on one."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -47,6 +48,13 @@ class RunLog(pl.Callback):
         self._write(trainer, {"event": "batch", "step": trainer.global_step, "batch_idx": batch_idx,
                               "keys": list(batch.get("key", [])), "kinds": list(batch.get("kind", [])),
                               "loss": float(torch.as_tensor(loss).detach()), "rng": self._rng})
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._write(trainer, {"event": "val_batch", "step": trainer.global_step, "batch_idx": batch_idx})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, {"event": "val_end", "step": trainer.global_step})
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._write(trainer, {"event": "exception", "step": trainer.global_step, "type": type(exception).__name__})

@@ -28,9 +28,15 @@ def test_step_seed_differs_per_rank_and_step():
 def test_two_process_ddp_fit(tmp_path, demo_dir, capsys):
     ddp = tmp_path / "ddp"
     ddp.mkdir()
-    run_fit(override(ddp, demo_dir, max_steps=STEPS, strategy="ddp", devices=2))
+    # with a validation at step 2 and InterruptCheckpoint, which all-reduces after every training
+    # and validation batch: a rank with more validation batches than the other would hang here
+    run_fit(override(ddp, demo_dir, max_steps=STEPS, strategy="ddp", devices=2, limit_val_batches=None,
+                     val_check_interval=2, callbacks=[{"class_path": "callbacks.interrupt.InterruptCheckpoint"}],
+                     data={"val_samples_per_task": 1, "val_batch_size": 1}))
     ranks = [read_runlog(ddp / "runlog", r) for r in (0, 1)]
     batches = [[r for r in log if r["event"] == "batch"] for log in ranks]
+    vals = [[r["step"] for r in log if r["event"] == "val_batch"] for log in ranks]
+    assert vals[0] and vals[0] == vals[1] and set(vals[0]) == {2, 4}
 
     # both ranks ran the same steps, as a world of 2, in different processes
     assert [[b["step"] for b in bs] for bs in batches] == [list(range(1, STEPS + 1))] * 2

@@ -91,3 +91,22 @@ def test_the_callback_notes_the_requeue_signal_only_under_slurm_auto_requeue(mon
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_second_signal_aborts_except_after_the_requeue_signal():
+    """Ctrl-C twice stops at once (KeyboardInterrupt, no save). SLURM's sequence, the requeue
+    signal and then SIGTERM at the time limit, is not impatience: SIGTERM outranks it."""
+    cb = interrupt.InterruptCheckpoint()
+    cb._requeue = signal.SIGUSR1
+    cb._note(signal.SIGUSR1, None)
+    cb._note(signal.SIGUSR1, None)  # twice is once
+    assert cb._noted == signal.SIGUSR1
+    cb._note(signal.SIGTERM, None)
+    assert cb._noted == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        cb._note(signal.SIGINT, None)
+
+    plain = interrupt.InterruptCheckpoint()  # not under SLURM: no requeue signal
+    plain._note(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        plain._note(signal.SIGINT, None)

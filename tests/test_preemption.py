@@ -176,6 +176,34 @@ def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resu
     _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False, accumulate=accumulate)
 
 
+def test_sigterm_during_validation_stops_there_and_the_run_resumes_after_the_validated_step(tmp_path, demo_dir):
+    """A validation inside fit can outlast a cluster's grace time (SLURM: KillWait after SIGTERM),
+    so the signal is acted on after the validation batch in flight, not after the validation:
+    last.ckpt holds the step before it, and the resumed run goes on from there."""
+    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
+                   limit_val_batches=None, val_check_interval=3,
+                   data={"val_samples_per_task": 2, "val_batch_size": 1})
+    cmd = fit_cmd(cfg, "--ckpt_path", "last")
+    proc = _start_group(cmd)
+    vals = lambda: [r for r in read_runlog(tmp_path / "runlog") if r["event"] == "val_batch" and r["pid"] == proc.pid]
+    _wait(lambda: len(vals()) >= 1, proc, "the first validation batch")
+    os.killpg(proc.pid, signal.SIGTERM)
+    ckpt_step, out = _stopped(proc, signal.SIGTERM, tmp_path)
+    log = [r for r in read_runlog(tmp_path / "runlog") if r["pid"] == proc.pid]
+    assert ckpt_step == 3 and _batches(log, proc.pid)[-1]["step"] == 3  # no training step after it
+    assert log[-2]["event"] == "val_batch" and len(vals()) < 12  # stopped inside the validation
+    assert "val_end" not in {r["event"] for r in log}
+    assert "SIGTERM (during validation) at step 3" in out
+
+    run_fit(cfg, "--ckpt_path", "last")
+    resumed = [(r["event"], r["step"]) for r in read_runlog(tmp_path / "runlog") if r["pid"] != proc.pid]
+    # Lightning does not repeat the interrupted validation (step 3 has no val/ point); the next
+    # one runs whole, and training goes on from the checkpointed step
+    assert [e for e in resumed if e[0] == "val_end"] == [("val_end", 6)]
+    assert resumed.count(("val_batch", 6)) == len([r for r in resumed if r[0] == "val_batch"]) > len(vals())
+    _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
+
+
 def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir):
     """2 gloo ranks, one run resumed twice (each DDP launch is 2 fresh interpreters, so the cases
     share them): SIGINT to every process (Ctrl-C, a job step's scancel), then, in the resumed run,
