@@ -34,7 +34,7 @@ from datamodules.mixing import (
 from datamodules.pipelines import PipelineConfig
 from datamodules.schema import KINDS, expand_shards
 from datamodules.targets import ControlConfig
-from datamodules.workers import ignore_stop_signals
+from datamodules.workers import end_workers_at_exit, ignore_stop_signals
 from ditfuse.core.prompts import CONTROL_SUBTASKS, TASKS
 
 ShardSpec = str | list[str]
@@ -54,6 +54,7 @@ class _CountingLoader(DataLoader):
                  positions: Callable[[], dict[int, dict]], on_batch: Callable[[dict, dict], None], **kwargs):
         super().__init__(dataset, batch_size=None, persistent_workers=False, worker_init_fn=ignore_stop_signals,
                          **kwargs)
+        end_workers_at_exit()
         self._position, self._positions, self._on_batch = position, positions, on_batch
 
     def state_dict(self) -> dict:
@@ -290,6 +291,7 @@ class DiTFuseDataModule(L.LightningDataModule):
             self.setup("validate")
         if self.val_set is None or len(self.val_set) == 0:
             return []
+        end_workers_at_exit()
         return DataLoader(self.val_set, batch_size=None, shuffle=False, num_workers=min(self.num_workers, 2),
                           pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals)
 

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.workers import ignore_stop_signals
+from datamodules.workers import end_workers_at_exit, ignore_stop_signals
 from ditfuse.core.images import read_image
 from ditfuse.interop.pairs import (  # noqa: F401 - re-exports for datamodules, callbacks and older imports
     DEFAULT_MAX_SIDE,
@@ -148,5 +148,6 @@ class PairsDataModule(L.LightningDataModule):
             self.setup("predict")
         # batch_size=None: the dataset yields whole batches; an IterableDataset also keeps Lightning
         # from adding a DistributedSampler on top of the rank sharding done here.
+        end_workers_at_exit()
         return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                           worker_init_fn=ignore_stop_signals)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 
 # what a cluster or a terminal sends to every process of a job step (SLURM's scancel / time limit:
@@ -10,8 +12,31 @@ import signal
 # in flight ("DataLoader worker (pid N) is killed by signal") before anything is saved.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
+_reaper_registered = False
+
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: the worker ignores SIGINT/SIGTERM/SIGUSR1."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
+
+
+def end_workers_at_exit() -> None:
+    """(main process, once) At exit, SIGKILL the daemonic children still alive.
+
+    multiprocessing ends a process's daemonic children at exit with SIGTERM and then joins them.
+    Workers that ignore SIGTERM outlive that whenever their iterator was not shut down: an
+    exception inside a validation within fit (an out-of-memory, a signal stop) leaves the
+    training iterator's workers waiting for work, and the exit then waited for them forever.
+    Registered after multiprocessing's own exit hook, so it runs before it (atexit is LIFO)."""
+    global _reaper_registered
+    if not _reaper_registered:
+        atexit.register(_kill_daemonic_children)
+        _reaper_registered = True

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -167,6 +170,28 @@ def test_lightning_does_not_warn_that_the_exact_length_may_be_wrong(shards, recw
     loader = _dm(shards, num_workers=2, batches_per_epoch=5).train_dataloader()
     assert has_len_all_ranks(loader, SingleDeviceStrategy(torch.device("cpu")))  # what fit calls
     assert not [w for w in recwarn if "__len__" in str(w.message)]
+
+
+def test_a_process_whose_loader_was_not_shut_down_still_exits():
+    """Workers ignore SIGTERM (a job step's signal is for the main process), which is what
+    multiprocessing's exit sends its daemonic children before joining them: a loader left
+    iterating (an exception inside a validation within fit leaves the training iterator so)
+    made the exit wait forever. end_workers_at_exit kills them at exit instead."""
+    code = ("import torch.utils.data as tud\n"
+            "from datamodules.workers import end_workers_at_exit, ignore_stop_signals\n"
+            "class Endless(tud.IterableDataset):\n"
+            "    def __iter__(self):\n"
+            "        while True:\n"
+            "            yield 1\n"
+            "loader = tud.DataLoader(Endless(), batch_size=None, num_workers=1, worker_init_fn=ignore_stop_signals)\n"
+            "end_workers_at_exit()\n"
+            "it = iter(loader)\n"
+            "assert next(it) == 1\n"
+            "print('exiting with a live worker', flush=True)\n")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0 and "exiting with a live worker" in res.stdout, res.stderr[-2000:]
 
 
 def test_validation_is_finite_deterministic_one_task_per_batch_round_robin(shards):

@@ -6,8 +6,9 @@
    last.ckpt at the step every rank agreed on, the run exits 128 + signal; the same command with
    `--ckpt_path last` resumes from it.
 3. SLURM's pre-timeout SIGUSR1 to both tasks of a simulated 2-task srun step (SLURM variables
-   per task, a fake `scontrol` on PATH): every rank stops at one step, hpc_ckpt_1.ckpt holds it,
-   rank 0 requeues; the requeued job (the same command, no ckpt_path) resumes from it.
+   per task, a fake `scontrol` on PATH), during a validation: every rank stops at one validation
+   batch, hpc_ckpt_1.ckpt holds the step before it, rank 0 requeues; the requeued job (the same
+   command, no ckpt_path) resumes from it.
 Both check: the step count continues (no jump back to step 0), the logged train/loss curve of
 the resumed run starts after the checkpoint, torch's RNG continues exactly (RankSeed), the data
 stream draws new samples instead of replaying the epoch start, and optimizer / scheduler /
@@ -176,34 +177,6 @@ def test_signal_to_the_process_group_writes_last_ckpt_that_the_same_command_resu
     _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False, accumulate=accumulate)
 
 
-def test_sigterm_during_validation_stops_there_and_the_run_resumes_after_the_validated_step(tmp_path, demo_dir):
-    """A validation inside fit can outlast a cluster's grace time (SLURM: KillWait after SIGTERM),
-    so the signal is acted on after the validation batch in flight, not after the validation:
-    last.ckpt holds the step before it, and the resumed run goes on from there."""
-    cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
-                   limit_val_batches=None, val_check_interval=3,
-                   data={"val_samples_per_task": 2, "val_batch_size": 1})
-    cmd = fit_cmd(cfg, "--ckpt_path", "last")
-    proc = _start_group(cmd)
-    vals = lambda: [r for r in read_runlog(tmp_path / "runlog") if r["event"] == "val_batch" and r["pid"] == proc.pid]
-    _wait(lambda: len(vals()) >= 1, proc, "the first validation batch")
-    os.killpg(proc.pid, signal.SIGTERM)
-    ckpt_step, out = _stopped(proc, signal.SIGTERM, tmp_path)
-    log = [r for r in read_runlog(tmp_path / "runlog") if r["pid"] == proc.pid]
-    assert ckpt_step == 3 and _batches(log, proc.pid)[-1]["step"] == 3  # no training step after it
-    assert log[-2]["event"] == "val_batch" and len(vals()) < 12  # stopped inside the validation
-    assert "val_end" not in {r["event"] for r in log}
-    assert "SIGTERM (during validation) at step 3" in out
-
-    run_fit(cfg, "--ckpt_path", "last")
-    resumed = [(r["event"], r["step"]) for r in read_runlog(tmp_path / "runlog") if r["pid"] != proc.pid]
-    # Lightning does not repeat the interrupted validation (step 3 has no val/ point); the next
-    # one runs whole, and training goes on from the checkpointed step
-    assert [e for e in resumed if e[0] == "val_end"] == [("val_end", 6)]
-    assert resumed.count(("val_batch", 6)) == len([r for r in resumed if r[0] == "val_batch"]) > len(vals())
-    _check_resumed(tmp_path, ckpt_step, proc.pid, overlap=False)
-
-
 def test_ddp_signal_every_rank_stops_at_one_step_and_resumes(tmp_path, demo_dir):
     """2 gloo ranks, one run resumed twice (each DDP launch is 2 fresh interpreters, so the cases
     share them): SIGINT to every process (Ctrl-C, a job step's scancel), then, in the resumed run,
@@ -289,21 +262,24 @@ def _ended(tasks: list[subprocess.Popen], limit: float) -> list[str]:
     return outs
 
 
-def test_slurm_requeue_signal_to_every_task_saves_one_step_requeues_once_and_the_job_resumes(tmp_path, demo_dir):
+def test_slurm_requeue_signal_during_validation_saves_one_step_requeues_once_and_the_job_resumes(tmp_path,
+                                                                                                  demo_dir):
     """`#SBATCH --signal=SIGUSR1@90` signals every task of the step (and its DataLoader worker),
-    each at its own point of a step. Lightning's handler saved inside the handler, where the
-    DataModule's state gathers every rank's stream positions: the ranks hung before writing
-    anything. InterruptCheckpoint agrees on it after a batch instead: every rank stops at one
-    step, hpc_ckpt_1.ckpt holds it, rank 0 requeues the job once, and the requeued job (the same
-    command, no --ckpt_path) continues from that step."""
+    each at its own point, here during a validation (one can outlast the 90 s). Lightning's
+    handler saved inside the handler, where the DataModule's state gathers every rank's stream
+    positions: the ranks hung before writing anything. InterruptCheckpoint agrees on it after
+    the validation batch in flight: every rank stops there, hpc_ckpt_1.ckpt holds the step
+    before the validation, rank 0 requeues the job once, and the requeued job (the same command,
+    no --ckpt_path) continues from that step."""
     plugins = [{"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
                 "init_args": {"auto_requeue": True, "requeue_signal": "SIGUSR1"}}]  # as ddp_a100.yaml
     cfg = override(tmp_path, demo_dir, max_steps=MAX_STEPS, callbacks=_interrupt_callbacks(tmp_path),
-                   plugins=plugins, strategy="ddp", devices=2, data={"num_workers": 1})
+                   plugins=plugins, strategy="ddp", devices=2, limit_val_batches=None, val_check_interval=3,
+                   data={"num_workers": 1, "val_samples_per_task": 4, "val_batch_size": 1})  # 12 batches/rank
     cmd = fit_cmd(cfg)
     tasks = _srun_tasks(cmd, tmp_path, _free_port(), restart=0)
-    steps = lambda rank: [r["step"] for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == "batch"]
-    _wait(lambda: min(len(steps(0)), len(steps(1))) >= 3, tasks[0], "3 training steps on both ranks")
+    events = lambda rank, kind: [r["step"] for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == kind]
+    _wait(lambda: events(0, "val_batch"), tasks[0], "the first validation batch")
     os.killpg(tasks[0].pid, signal.SIGUSR1)  # rank 0 and its worker first, rank 1 a moment later
     time.sleep(0.3)
     os.killpg(tasks[1].pid, signal.SIGUSR1)
@@ -317,16 +293,22 @@ def test_slurm_requeue_signal_to_every_task_saves_one_step_requeues_once_and_the
     assert not any("Traceback" in out for out in outs), outs[0][-3000:] + outs[1][-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # once, by rank 0
     hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
-    ckpt_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
-    assert 3 <= ckpt_step < MAX_STEPS and steps(0)[-1] == steps(1)[-1] == ckpt_step  # one step, every rank
-    assert f"at step {ckpt_step}: saved {hpc}" in outs[0] and "requeued SLURM job 4242" in outs[0]
+    assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] == 3
+    for rank in (0, 1):  # every rank stopped inside the validation after step 3, at one batch
+        assert events(rank, "batch")[-1] == 3 and not events(rank, "val_end")
+    assert len(events(0, "val_batch")) == len(events(1, "val_batch")) < 12
+    assert f"(SIGUSR1) (during validation) at step 3: saved {hpc}" in outs[0]
+    assert "requeued SLURM job 4242" in outs[0]
 
     requeued = _srun_tasks(cmd, tmp_path, _free_port(), restart=1)  # the same command, no --ckpt_path
     outs = _ended(requeued, 300)
     assert [t.returncode for t in requeued] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "hpc_ckpt_1.ckpt" in outs[0]  # Lightning restored the preemption checkpoint
-    assert [r["step"] for r in read_runlog(tmp_path / "runlog", 1) if r["event"] == "train_start"] == [0, ckpt_step]
-    _check_resumed(tmp_path, ckpt_step, first_pid, overlap=False)
+    assert events(1, "train_start") == [0, 3]
+    # Lightning does not repeat the interrupted validation (step 3 has no val/ point); the next
+    # one runs whole on both ranks, and training goes on from the checkpointed step
+    assert events(0, "val_end") == events(1, "val_end") == [6]
+    _check_resumed(tmp_path, 3, first_pid, overlap=False)
 
 
 def _survivor_out(proc: subprocess.Popen, limit: float = 80) -> str:
