@@ -107,6 +107,15 @@ def agreed_signal(trainer: pl.Trainer, noted: int, ranked: Sequence[int]) -> int
     return ranked[code - 1] if code else 0
 
 
+def same_on_every_rank(trainer: pl.Trainer, value: float) -> bool:
+    """Whether every rank passed the same number. Every rank must call it."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return True
+    both = torch.tensor([value, -value], dtype=torch.float64, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)  # -> (max, -min)
+    return bool(both[0] == -both[1])
+
+
 def slurm_job_id() -> str:
     """What `scontrol requeue` takes: `<array job>_<task>` in an array job, else the job id."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -142,6 +151,7 @@ class InterruptCheckpoint(Checkpoint):
         self._previous: dict[int, Any] = {}
         self._requeue: int | None = None
         self._ranked: tuple[int, ...] = STOP_SIGNALS
+        self._in_validation = False  # agree after each validation batch of this validation
 
     # -- the handler: note, nothing else (a collective or a save inside a handler could deadlock)
     def _note(self, signum: int, frame: FrameType | None) -> None:
@@ -189,15 +199,24 @@ class InterruptCheckpoint(Checkpoint):
             return
         self._stop_if_signalled(trainer, "")
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A validation inside fit can outlast what a cluster waits between its signal and SIGKILL
         # (SLURM: KillWait after SIGTERM, 90 s after SIGUSR1 in fit.sbatch), so the ranks agree
-        # after each validation batch too (under DDP every rank has as many: Lightning's
-        # distributed sampler pads them). The training state saved is the step before the
-        # validation; the validation is not finished and logs nothing.
-        if self._previous and not trainer.sanity_checking:  # fit's training has begun
+        # after each validation batch too, when every rank has as many (Lightning's distributed
+        # sampler pads them to that; a loader of the user's may not, and an all-reduce more on
+        # one rank would hang). The training state saved is the step before the validation;
+        # the validation is not finished and logs nothing.
+        self._in_validation = False
+        if self._previous and not trainer.sanity_checking:  # fit's training has begun (every rank)
+            self._in_validation = same_on_every_rank(trainer, float(sum(trainer.num_val_batches)))
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._in_validation:
             self._stop_if_signalled(trainer, " (during validation)")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_validation = False
 
     def _stop_if_signalled(self, trainer: pl.Trainer, where: str) -> None:
         signum = agreed_signal(trainer, self._noted, self._ranked)

@@ -110,3 +110,27 @@ def test_a_second_signal_aborts_except_after_the_requeue_signal():
     plain._note(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         plain._note(signal.SIGINT, None)
+
+
+def test_validation_batches_are_agreed_on_only_when_every_rank_has_as_many(monkeypatch):
+    """An all-reduce after each validation batch needs as many batches on every rank (Lightning's
+    distributed sampler pads them so; a user's own loader may not)."""
+    other = {"n": 12.0}
+
+    def all_reduce(t, op):  # MAX with the other rank's (n, -n)
+        t.copy_(torch.maximum(t, torch.tensor([other["n"], -other["n"]], dtype=t.dtype)))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    cb = interrupt.InterruptCheckpoint()
+    cb._previous = {signal.SIGTERM: signal.SIG_DFL}  # training has begun
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                              sanity_checking=False, num_val_batches=[12])
+    cb.on_validation_start(trainer, None)
+    assert cb._in_validation
+    other["n"] = 11.0
+    cb.on_validation_start(trainer, None)
+    assert not cb._in_validation
+    trainer.sanity_checking, other["n"] = True, 12.0
+    cb.on_validation_start(trainer, None)
+    assert not cb._in_validation
