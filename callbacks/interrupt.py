@@ -93,27 +93,29 @@ def requeue_signal(trainer: pl.Trainer) -> int | None:
     return None
 
 
+def max_over_ranks(trainer: pl.Trainer, values: list[float], dtype: torch.dtype) -> list[float]:
+    """Each value's maximum over the ranks (the values themselves on one rank). Every rank must
+    call it."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return values
+    # on the strategy's device: NCCL reduces CUDA tensors only (Lightning already syncs on a
+    # one-element broadcast per step under DDP, so this adds no new kind of stall)
+    both = torch.tensor(values, dtype=dtype, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return both.tolist()
+
+
 def agreed_signal(trainer: pl.Trainer, noted: int, ranked: Sequence[int]) -> int:
     """The highest-priority signal noted on any rank (0: none); `ranked` lists the signals from
     lowest to highest priority. Every rank must call it."""
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return noted
-    # on the strategy's device: NCCL reduces CUDA tensors only (Lightning already syncs on a
-    # one-element broadcast per step under DDP, so this adds no new kind of stall)
-    flag = torch.tensor([ranked.index(noted) + 1 if noted else 0], dtype=torch.int32,
-                        device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    code = int(flag.item())
-    return ranked[code - 1] if code else 0
+    (code,) = max_over_ranks(trainer, [ranked.index(noted) + 1 if noted else 0], torch.int32)
+    return ranked[int(code) - 1] if code else 0
 
 
 def same_on_every_rank(trainer: pl.Trainer, value: float) -> bool:
     """Whether every rank passed the same number. Every rank must call it."""
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return True
-    both = torch.tensor([value, -value], dtype=torch.float64, device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)  # -> (max, -min)
-    return bool(both[0] == -both[1])
+    top, minus_bottom = max_over_ranks(trainer, [value, -value], torch.float64)
+    return top == -minus_bottom
 
 
 def slurm_job_id() -> str:
@@ -150,8 +152,12 @@ class InterruptCheckpoint(Checkpoint):
         self._noted = 0
         self._previous: dict[int, Any] = {}
         self._requeue: int | None = None
-        self._ranked: tuple[int, ...] = STOP_SIGNALS
-        self._in_validation = False  # agree after each validation batch of this validation
+        self._in_validation = False  # agree after each batch of the validation running
+
+    @property
+    def _ranked(self) -> tuple[int, ...]:
+        """The signals acted on, lowest to highest priority."""
+        return (self._requeue, *STOP_SIGNALS) if self._requeue else STOP_SIGNALS
 
     # -- the handler: note, nothing else (a collective or a save inside a handler could deadlock)
     def _note(self, signum: int, frame: FrameType | None) -> None:
@@ -187,7 +193,6 @@ class InterruptCheckpoint(Checkpoint):
         # after Lightning registered its handlers (Trainer._run), before the first batch
         self._noted = 0
         self._requeue = requeue_signal(trainer)
-        self._ranked = (self._requeue, *STOP_SIGNALS) if self._requeue else STOP_SIGNALS
         self._install()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -206,17 +211,14 @@ class InterruptCheckpoint(Checkpoint):
         # sampler pads them to that; a loader of the user's may not, and an all-reduce more on
         # one rank would hang). The training state saved is the step before the validation;
         # the validation is not finished and logs nothing.
-        self._in_validation = False
-        if self._previous and not trainer.sanity_checking:  # fit's training has begun (every rank)
-            self._in_validation = same_on_every_rank(trainer, float(sum(trainer.num_val_batches)))
+        # (fit's training has begun, on every rank alike: only then do the ranks all-reduce here)
+        self._in_validation = (bool(self._previous) and not trainer.sanity_checking
+                               and same_on_every_rank(trainer, float(sum(trainer.num_val_batches))))
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._in_validation:
             self._stop_if_signalled(trainer, " (during validation)")
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._in_validation = False
 
     def _stop_if_signalled(self, trainer: pl.Trainer, where: str) -> None:
         signum = agreed_signal(trainer, self._noted, self._ranked)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 
@@ -11,8 +12,6 @@ import signal
 # them (callbacks.interrupt) and ends its workers; a worker that died of one would fail the batch
 # in flight ("DataLoader worker (pid N) is killed by signal") before anything is saved.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-_reaper_registered = False
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -28,6 +27,7 @@ def _kill_daemonic_children() -> None:
             child.join(timeout=10)
 
 
+@functools.cache
 def end_workers_at_exit() -> None:
     """(main process, once) At exit, SIGKILL the daemonic children still alive.
 
@@ -36,7 +36,4 @@ def end_workers_at_exit() -> None:
     exception inside a validation within fit (an out-of-memory, a signal stop) leaves the
     training iterator's workers waiting for work, and the exit then waited for them forever.
     Registered after multiprocessing's own exit hook, so it runs before it (atexit is LIFO)."""
-    global _reaper_registered
-    if not _reaper_registered:
-        atexit.register(_kill_daemonic_children)
-        _reaper_registered = True
+    atexit.register(_kill_daemonic_children)

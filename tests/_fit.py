@@ -8,6 +8,7 @@ rank's batches; `callbacks.RankSeed` gives the ranks their own noise.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,13 @@ def override(tmp: Path, demo_dir: Path, *, max_steps: int, callbacks: list[dict[
     path = tmp / "override.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fit_cmd(config: Path, *extra: str) -> list[str]:

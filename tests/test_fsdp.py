@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _fit import free_port
 from diffusers.models.transformers.transformer_omnigen import OmniGenBlock
 from torch import nn
 
@@ -67,12 +67,6 @@ class _Loss(nn.Module):
         if sample:
             return self.model.sample(batch, seed=[0, 1, 2])
         return self.model.flow_loss(batch, dropout=False, seeds=[10, 11, 12]).mean()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference(lora: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
@@ -188,7 +182,7 @@ def fsdp_results(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("fsdp")
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), CASES, str(folder), result), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), CASES, str(folder), result), nprocs=2, join=True)
         return dict(result)
 
 

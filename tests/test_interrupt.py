@@ -5,6 +5,7 @@ runs that signal real processes are in test_preemption.py."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -18,14 +19,16 @@ RANKED = (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM)  # lowest to highest pr
 NONE = 0
 
 
-def _two_ranks(monkeypatch, other: int) -> SimpleNamespace:
-    """A trainer of 2 ranks whose other rank noted `other` (0: nothing)."""
-    def all_reduce(flag, op):  # MAX with the other rank's code, as gloo/NCCL would compute it
-        flag.copy_(torch.maximum(flag, torch.tensor([RANKED.index(other) + 1 if other else 0], dtype=flag.dtype)))
+def _two_ranks(monkeypatch, peer: Callable[[], list[float]], **trainer) -> SimpleNamespace:
+    """A trainer of 2 ranks; the other rank all-reduces the values `peer()` returns (MAX, as
+    gloo/NCCL would compute it)."""
+    def all_reduce(t, op):
+        assert op == torch.distributed.ReduceOp.MAX
+        t.copy_(torch.maximum(t, torch.tensor(peer(), dtype=t.dtype)))
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    return SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    return SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")), **trainer)
 
 
 @pytest.mark.parametrize("mine, other, agreed", [
@@ -37,7 +40,8 @@ def _two_ranks(monkeypatch, other: int) -> SimpleNamespace:
     (signal.SIGTERM, signal.SIGINT, signal.SIGTERM),
 ])
 def test_the_ranks_agree_on_the_signal_of_highest_priority(monkeypatch, mine, other, agreed):
-    assert agreed_signal(_two_ranks(monkeypatch, other), mine, RANKED) == agreed
+    peer = lambda: [RANKED.index(other) + 1 if other else 0]  # the other rank's priority code
+    assert agreed_signal(_two_ranks(monkeypatch, peer), mine, RANKED) == agreed
 
 
 def _trainer_in(environment) -> SimpleNamespace:
@@ -116,16 +120,10 @@ def test_validation_batches_are_agreed_on_only_when_every_rank_has_as_many(monke
     """An all-reduce after each validation batch needs as many batches on every rank (Lightning's
     distributed sampler pads them so; a user's own loader may not)."""
     other = {"n": 12.0}
-
-    def all_reduce(t, op):  # MAX with the other rank's (n, -n)
-        t.copy_(torch.maximum(t, torch.tensor([other["n"], -other["n"]], dtype=t.dtype)))
-
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     cb = interrupt.InterruptCheckpoint()
     cb._previous = {signal.SIGTERM: signal.SIG_DFL}  # training has begun
-    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")),
-                              sanity_checking=False, num_val_batches=[12])
+    trainer = _two_ranks(monkeypatch, lambda: [other["n"], -other["n"]], sanity_checking=False,
+                         num_val_batches=[12])
     cb.on_validation_start(trainer, None)
     assert cb._in_validation
     other["n"] = 11.0

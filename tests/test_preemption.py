@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fit import ROOT, fit_cmd, fit_env, override, run_fit
+from _fit import ROOT, fit_cmd, fit_env, free_port, override, run_fit
 from _runlog import read_runlog
 
 pytestmark = pytest.mark.slow
@@ -242,14 +242,6 @@ def _srun_tasks(cmd: list[str], tmp: Path, port: int, restart: int) -> list[subp
     return tasks
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ended(tasks: list[subprocess.Popen], limit: float) -> list[str]:
     outs = []
     for task in tasks:
@@ -277,7 +269,7 @@ def test_slurm_requeue_signal_during_validation_saves_one_step_requeues_once_and
                    plugins=plugins, strategy="ddp", devices=2, limit_val_batches=None, val_check_interval=3,
                    data={"num_workers": 1, "val_samples_per_task": 4, "val_batch_size": 1})  # 12 batches/rank
     cmd = fit_cmd(cfg)
-    tasks = _srun_tasks(cmd, tmp_path, _free_port(), restart=0)
+    tasks = _srun_tasks(cmd, tmp_path, free_port(), restart=0)
     events = lambda rank, kind: [r["step"] for r in read_runlog(tmp_path / "runlog", rank) if r["event"] == kind]
     _wait(lambda: events(0, "val_batch"), tasks[0], "the first validation batch")
     os.killpg(tasks[0].pid, signal.SIGUSR1)  # rank 0 and its worker first, rank 1 a moment later
@@ -300,7 +292,7 @@ def test_slurm_requeue_signal_during_validation_saves_one_step_requeues_once_and
     assert f"(SIGUSR1) (during validation) at step 3: saved {hpc}" in outs[0]
     assert "requeued SLURM job 4242" in outs[0]
 
-    requeued = _srun_tasks(cmd, tmp_path, _free_port(), restart=1)  # the same command, no --ckpt_path
+    requeued = _srun_tasks(cmd, tmp_path, free_port(), restart=1)  # the same command, no --ckpt_path
     outs = _ended(requeued, 300)
     assert [t.returncode for t in requeued] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "hpc_ckpt_1.ckpt" in outs[0]  # Lightning restored the preemption checkpoint
